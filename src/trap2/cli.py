@@ -1,0 +1,191 @@
+"""The ``trap2`` command: a thin shell over library calls (parse → validate → one call).
+
+Thread policy is set before torch loads: with OpenMP's default spin-waiting, a busy machine can slow a
+step many times over, so workers sleep (``OMP_WAIT_POLICY=PASSIVE``) and ``--threads`` is explicit.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
+
+import typer  # noqa: E402
+
+from trap2.errors import Trap2Error  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Trap²: updates that break when merged.")
+
+Threads = Annotated[int, typer.Option(help="torch intra-op threads (default: min(2, CPU count))")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config file (CLI options override it)")]
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(n if n and n > 0 else min(2, os.cpu_count() or 1))
+
+
+def _train_config(base: dict[str, Any], **overrides: Any) -> Any:
+    from trap2.config import TrainConfig, from_dict
+
+    data = dict(base)
+    objective = dict(data.get("objective", {}))
+    for key in ("lam", "s_min", "s_max", "delta", "weight", "bound"):
+        if overrides.get(key) is not None:
+            objective[key] = overrides.pop(key)
+    if overrides.get("objective") is not None:
+        objective["name"] = overrides.pop("objective")
+    overrides.pop("objective", None)
+    data["objective"] = objective
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(TrainConfig, data)
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="folder for the released update")],
+    suite: Annotated[str | None, typer.Option(help="suite (default: digits)")] = None,
+    task: Annotated[str | None, typer.Option(help="task of the suite (default: the suite's default target)")] = None,
+    objective: Annotated[str | None, typer.Option(help="'trap2' (protected) or 'none' (plain)")] = None,
+    mode: Annotated[str | None, typer.Option(help="'lora' or 'full'")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    lam: Annotated[float | None, typer.Option(help="λ of the off-nominal term")] = None,
+    s_min: Annotated[float | None, typer.Option(help="smallest sampled scale")] = None,
+    s_max: Annotated[float | None, typer.Option(help="largest sampled scale")] = None,
+    delta: Annotated[float | None, typer.Option(help="excluded band half-width δ around s = 1")] = None,
+    weight: Annotated[str | None, typer.Option(help="w(s): inv, inv_sqrt or none")] = None,
+    bound: Annotated[float | None, typer.Option(help="soft cap τ on the off-nominal loss")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto")] = None,
+    config: ConfigOpt = None,
+    threads: Threads = 0,
+) -> None:
+    """Fine-tune one task of a suite (protected with Trap² by default) and save the update."""
+    from trap2.config import load_yaml
+    from trap2.eval import accuracy, base_state, scaling_curve
+    from trap2.suites import get_suite
+    from trap2.training import train_update
+    from trap2.updates import apply_delta
+
+    _threads(threads)
+    raw = load_yaml(config) if config else {}
+    unknown = sorted(set(raw) - {"suite", "task", "train"})
+    if unknown:
+        raise Trap2Error(f"{config}: unknown top-level key(s) {', '.join(unknown)}; valid: suite, task, train")
+    cfg = _train_config(raw.get("train", {}), objective=objective, mode=mode, steps=steps, lr=lr, lam=lam,
+                        s_min=s_min, s_max=s_max, delta=delta, weight=weight, bound=bound, seed=seed, device=device)
+    st = get_suite(suite or raw.get("suite", "digits"))
+    task_name = task or raw.get("task") or st.default_target
+    st.task(task_name)
+    result = train_update(st, task_name, cfg, lambda step, row: typer.echo(
+        f"step {step:>5}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")))
+    result.update.save(out, peft_model=result.peft_model)
+    backbone = st.make_backbone()
+    w0, d = base_state(backbone), result.update.dense()
+    test = accuracy(backbone, st.task(task_name), "test", apply_delta(w0, d, 1.0))
+    curve = scaling_curve(backbone, st.task(task_name), d, (0.5, 1.0, 2.0))
+    typer.echo(f"saved {out}  test acc {test:.3f}  acc(s=0.5/1/2) " + "/".join(f"{a:.3f}" for a in curve)
+               + (f"  skipped non-finite steps {result.skipped_steps}" if result.skipped_steps else ""))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="output folder (report.json, report.md, scaling_curve.png, updates/)")],
+    suite: Annotated[str | None, typer.Option(help="suite (default: digits)")] = None,
+    target: Annotated[str | None, typer.Option(help="task to protect (default: the suite's)")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps of every run")] = None,
+    mode: Annotated[str | None, typer.Option(help="'lora' or 'full'")] = None,
+    lam: Annotated[float | None, typer.Option(help="λ of the off-nominal term")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="retrain instead of reusing cached updates")] = False,
+    config: ConfigOpt = None,
+    threads: Threads = 0,
+) -> None:
+    """The main job: 8 plain updates + a protected one, standalone, scaling curve and merges."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from trap2.config import from_dict, load_yaml, to_dict
+    from trap2.demo import DemoConfig, run_demo, summary_rows
+    from trap2.progress import RichReporter
+
+    _threads(threads)
+    raw = load_yaml(config) if config else {}
+    base = to_dict(DemoConfig())
+    base.update({k: v for k, v in raw.items() if k != "train"})
+    train_cfg = _train_config({**base["train"], **raw.get("train", {})}, steps=steps, mode=mode, lam=lam, seed=seed)
+    if suite is not None:
+        base["suite"] = suite
+    if target is not None:
+        base["target"] = target
+    base["train"] = dataclasses.asdict(train_cfg)
+    cfg = from_dict(DemoConfig, base)
+    console = Console()
+    with RichReporter() as reporter:
+        report = run_demo(cfg, out, fresh=fresh, reporter=reporter)
+    table = Table(title=f"trap2 demo: suite {report['suite']}, protected task {report['target']} (accuracy %)")
+    for col in ("", "unprotected", "Trap²"):
+        table.add_column(col, justify="right" if col else "left")
+    for row in summary_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"report: {out / 'report.md'}  ({report['wall_seconds']:.0f} s)")
+
+
+@app.command()
+def objectives() -> None:
+    """List the registered training objectives."""
+    from trap2.objectives import OBJECTIVES
+
+    for name in OBJECTIVES:
+        doc = (sys.modules[OBJECTIVES.get(name).__module__].__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{name:8} {doc}")
+
+
+@app.command()
+def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """List the registered merge methods with their hyperparameters and references."""
+    from trap2.merging import METHODS
+
+    rows = []
+    for name in METHODS:
+        m = METHODS.get(name)
+        hp = {k: {"default": h.default, "valid": h.valid, "help": h.help} for k, h in m.hparams.items()
+              if k != "thresholds"}
+        rows.append({"name": name, "summary": m.summary, "reference": m.reference, "hparams": hp})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r['name']:6} {r['summary']}  [{r['reference']}]")
+        for k, h in r["hparams"].items():
+            typer.echo(f"         {k} = {h['default']!r} ({h['valid']}): {h['help']}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except Trap2Error as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except (typer.Exit, typer.Abort) as e:
+        sys.exit(getattr(e, "exit_code", 1))
+    except Exception as e:  # click usage errors print themselves
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

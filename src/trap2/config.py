@@ -1,0 +1,237 @@
+"""Typed configs for protection, LoRA and training, validated on construction.
+
+One config object drives YAML files, the CLI and the docs: each field carries its help text in
+``metadata["help"]``; a bad value fails here, with a message that says what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+from trap2.errors import ConfigError
+
+WEIGHTINGS = ("inv", "inv_sqrt", "none")
+MODES = ("lora", "full")
+SELECTIONS = ("last", "best")
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if default is dataclasses.MISSING and "default_factory" not in kw:
+        return field(metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which training objective to use, and the Trap² knobs (ignored by ``none``)."""
+
+    name: str = _help("registered objective: 'none' (plain fine-tuning) or 'trap2'", "trap2")
+    lam: float = _help("λ, weight of the off-nominal term (depends on the loss scale; 0.1 on digits)", 0.1)
+    s_min: float = _help("smallest sampled scale s (> 0)", 0.05)
+    s_max: float = _help("largest sampled scale s", 2.0)
+    delta: float = _help("half-width δ of the excluded band (1-δ, 1+δ) around the nominal scale", 0.05)
+    weight: str = _help("w(s): 'inv' = 1/s (vision), 'inv_sqrt' = 1/√s (LLM), 'none' = 1", "inv")
+    n_samples: int = _help("number of scales s drawn per step (the paper uses 1)", 1)
+    bound: float | None = _help(
+        "optional soft cap τ on the off-nominal loss: τ·tanh(L/τ) bounds −λ·w·L below; null = no cap", None
+    )
+
+    def __post_init__(self) -> None:
+        _finite(self, "lam", "s_min", "s_max", "delta")
+        if self.lam < 0:
+            raise ConfigError(f"objective.lam must be >= 0, got {self.lam}")
+        if not 0 < self.s_min < 1:
+            raise ConfigError(f"objective.s_min must be in (0, 1), got {self.s_min}")
+        if self.delta <= 0:
+            raise ConfigError(f"objective.delta must be > 0, got {self.delta}")
+        if self.delta >= 1 - self.s_min:
+            raise ConfigError(
+                f"objective.delta={self.delta} leaves no scales below 1: need delta < 1 - s_min = {1 - self.s_min:g}"
+            )
+        if self.s_max <= 1 + self.delta:
+            raise ConfigError(
+                f"objective.s_max={self.s_max} leaves no scales above 1: need s_max > 1 + delta = {1 + self.delta:g}"
+            )
+        if self.weight not in WEIGHTINGS:
+            raise ConfigError(f"objective.weight must be one of {', '.join(WEIGHTINGS)}; got {self.weight!r}")
+        if not isinstance(self.n_samples, int) or self.n_samples < 1:
+            raise ConfigError(f"objective.n_samples must be an integer >= 1, got {self.n_samples!r}")
+        if self.bound is not None and not (math.isfinite(self.bound) and self.bound > 0):
+            raise ConfigError(f"objective.bound must be null or a finite number > 0, got {self.bound}")
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA adapter trained in ``mode='lora'`` (passed to PEFT's ``LoraConfig``)."""
+
+    r: int = _help("LoRA rank", 8)
+    alpha: float = _help("LoRA α (PEFT scaling α/r, or α/√r with rsLoRA)", 8.0)
+    dropout: float = _help("dropout on the LoRA branch input", 0.0)
+    target_modules: tuple[str, ...] | None = _help("module names to adapt; null = the suite's default", None)
+    use_rslora: bool = _help("rank-stabilised scaling α/√r", False)
+    use_dora: bool = _help("DoRA is not a linear rescaling of ΔW and is rejected", False)
+    rank_pattern: dict[str, int] = _help("per-module rank overrides (PEFT rank_pattern)", default_factory=dict)
+    alpha_pattern: dict[str, float] = _help("per-module α overrides (PEFT alpha_pattern)", default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"lora.r must be an integer >= 1, got {self.r!r}")
+        _finite(self, "alpha", "dropout")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.use_dora:
+            raise ConfigError(
+                "lora.use_dora=true is not supported: DoRA renormalises W0+ΔW per column, so scaling the "
+                "update by s is not W0 + s·ΔW and the Trap² objective would train the wrong thing"
+            )
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            if not self.target_modules:
+                raise ConfigError("lora.target_modules must name at least one module (or be null)")
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One fine-tuning run: the same optimiser, schedule and clipping for every objective."""
+
+    mode: str = _help("'lora' (PEFT adapter) or 'full' (every trainable backbone parameter)", "lora")
+    objective: ObjectiveConfig = _help("training objective", default_factory=ObjectiveConfig)
+    lora: LoraSettings = _help("LoRA settings (mode='lora')", default_factory=LoraSettings)
+    steps: int = _help("optimizer steps", 1000)
+    batch_size: int = _help("mini-batch size", 64)
+    lr: float | None = _help("peak learning rate; null = 5e-3 for LoRA, 1e-3 for full", None)
+    warmup_steps: int = _help("linear warm-up steps before the cosine decay", 50)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    betas: tuple[float, float] = _help("AdamW betas", (0.9, 0.98))
+    eps: float = _help("AdamW epsilon", 1e-6)
+    grad_clip: float | None = _help("gradient-norm clipping; null = off", 1.0)
+    eval_every: int = _help("validate every N steps (for 'best' selection and the log)", 100)
+    select: str = _help("released checkpoint: 'last' step, or 'best' standalone validation accuracy", "last")
+    max_nonfinite_in_row: int = _help("stop with an error after this many skipped non-finite steps in a row", 20)
+    seed: int = _help("random seed (data order, LoRA init, sampled scales)", 0)
+    device: str = _help("'cpu', 'cuda', 'cuda:N' or 'auto'", "cpu")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        for name in ("steps", "batch_size", "eval_every", "max_nonfinite_in_row"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        _finite(self, "weight_decay", "eps")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be null or a finite number > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.eps <= 0:
+            raise ConfigError("weight_decay must be >= 0 and eps > 0")
+        betas = tuple(self.betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        object.__setattr__(self, "betas", betas)
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ConfigError(f"grad_clip must be null or a finite number > 0, got {self.grad_clip}")
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"select must be one of {', '.join(SELECTIONS)}; got {self.select!r}")
+        if not isinstance(self.device, str) or not (
+            self.device in ("cpu", "cuda", "auto", "mps") or self.device.startswith("cuda:")
+        ):
+            raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'; got {self.device!r}")
+
+    @property
+    def peak_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 5e-3 if self.mode == "lora" else 1e-3
+
+def _finite(obj: Any, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{type(obj).__name__}.{name} must be a finite number, got {v!r}")
+
+# --- dict / YAML round trip -------------------------------------------------------------------------
+
+C = TypeVar("C")
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (tuples become lists)."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+def from_dict(cls: type[C], data: Any, where: str = "") -> C:
+    """Build ``cls`` from a plain dict, recursing into nested configs; unknown keys are an error."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(unknown)} in {where or cls.__name__}; valid: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # wrong value types that slipped past coercion
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where) if len(args) == 1 else value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "1e-3" as a string
+        except ValueError:
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such config file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return data
+
+def config_hash(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts, used as a cache key."""
+    blob = json.dumps([to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

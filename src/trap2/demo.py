@@ -1,0 +1,188 @@
+"""The main job on a suite: train every task's unprotected update and a protected one for a target,
+then measure standalone accuracy, the target's scaling curve, and merged accuracy with and without
+protection (coefficient searched on validation data). Trained updates are cached by config.
+
+Run:  trap2 demo --out runs/demo        (or ``run_demo(DemoConfig(), "runs/demo")``)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trap2.attacks import search_coefficient
+from trap2.config import ObjectiveConfig, TrainConfig, config_hash, to_dict
+from trap2.errors import ConfigError
+from trap2.eval.evaluate import accuracy, base_state, scaling_curve
+from trap2.eval.report import write_report
+from trap2.merging import get_merge_method, merge_deltas
+from trap2.progress import LogReporter, Reporter
+from trap2.suites import get_suite
+from trap2.suites.base import Suite
+from trap2.training import train_update
+from trap2.updates import Update, apply_delta, load_update
+
+CURVE_SCALES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
+
+
+def _h(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    suite: str = _h("registered suite", "digits")
+    target: str | None = _h("task whose update is protected; null = the suite's default", None)
+    train: TrainConfig = _h(
+        "training settings shared by every run; the protected run uses train.objective",
+        default_factory=lambda: TrainConfig(steps=600, objective=ObjectiveConfig(name="trap2")),
+    )
+    methods: tuple[str, ...] = _h("merge methods to attack with", ("ta", "ties"))
+    scales: tuple[float, ...] = _h("scales s of the scaling curve", CURVE_SCALES)
+
+    def __post_init__(self) -> None:
+        if self.train.objective.name == "none":
+            raise ConfigError("demo: train.objective must be a protecting objective (e.g. 'trap2'), not 'none'")
+        object.__setattr__(self, "methods", tuple(self.methods))
+        for m in self.methods:
+            get_merge_method(m)
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+
+
+def trained_update(
+    suite: Suite, task: str, cfg: TrainConfig, cache: Path, fresh: bool = False, reporter: Reporter | None = None
+) -> Update:
+    """Train (or reuse the cached) update for ``task`` under ``cfg``."""
+    key = config_hash(suite.name, suite.fingerprint, task, cfg)
+    folder = cache / f"{suite.name}-{task}-{cfg.mode}-{cfg.objective.name}-{key}"
+    if folder.is_dir() and not fresh:
+        return load_update(folder)
+    reporter = reporter or LogReporter()
+    with reporter.stage(f"train {task} ({cfg.objective.name}, {cfg.mode})", cfg.steps) as advance:
+        last = [0]
+
+        def progress(step: int, _row: Mapping[str, float]) -> None:
+            advance(step - last[0])
+            last[0] = step
+
+        result = train_update(suite, task, cfg, progress)
+    result.update.save(folder, peft_model=result.peft_model)
+    return result.update
+
+
+def _mean(accs: Mapping[str, float]) -> dict[str, float]:
+    return {**accs, "mean": sum(accs.values()) / len(accs)}
+
+
+def run_demo(
+    cfg: DemoConfig, out: str | Path, fresh: bool = False, reporter: Reporter | None = None
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    reporter = reporter or LogReporter()
+    out = Path(out)
+    suite = get_suite(cfg.suite)
+    target = cfg.target or suite.default_target
+    suite.task(target)  # validates the name
+    tasks = suite.task_names
+    plain_cfg = dataclasses.replace(cfg.train, objective=ObjectiveConfig(name="none"))
+    cache = out / "updates"
+
+    updates = {t: trained_update(suite, t, plain_cfg, cache, fresh, reporter) for t in tasks}
+    protected = trained_update(suite, target, cfg.train, cache, fresh, reporter)
+
+    backbone = suite.make_backbone()
+    w0 = base_state(backbone)
+    dense = {t: u.dense() for t, u in updates.items()}
+    prot_dense = protected.dense()
+    for name, u in [*updates.items(), ("protected", protected)]:
+        u.check_base(w0, suite.fingerprint, where=f"update {name}")
+
+    def acc_at(delta: Mapping[str, torch.Tensor], task: str, split: str, c: float = 1.0) -> float:
+        return accuracy(backbone, suite.task(task), split, apply_delta(w0, delta, c))
+
+    zero_shot = _mean({t: accuracy(backbone, suite.task(t), "test") for t in tasks})
+    standalone = _mean({t: acc_at(dense[t], t, "test") for t in tasks})
+    ft_val = {t: acc_at(dense[t], t, "val") for t in tasks}
+    prot_test = acc_at(prot_dense, target, "test")
+    curve_plain = scaling_curve(backbone, suite.task(target), dense[target], cfg.scales)
+    curve_prot = scaling_curve(backbone, suite.task(target), prot_dense, cfg.scales)
+
+    attacks = []
+    with reporter.stage("attack: merge + coefficient search", 2 * len(cfg.methods)) as advance:
+        for method in cfg.methods:
+            for is_protected in (False, True):
+                pool = [prot_dense if (is_protected and t == target) else dense[t] for t in tasks]
+                merged = merge_deltas(method, pool)
+                params_for = lambda c, m=merged: apply_delta(w0, m, c)  # noqa: E731
+
+                def score(c: float, params_for=params_for) -> float:
+                    p = params_for(c)
+                    return sum(accuracy(backbone, suite.task(t), "val", p) / max(ft_val[t], 1e-8) for t in tasks) / len(
+                        tasks
+                    )
+
+                found = search_coefficient(score)
+                p = params_for(found.coefficient)
+                accs = _mean({t: accuracy(backbone, suite.task(t), "test", p) for t in tasks})
+                attacks.append(
+                    {
+                        "method": method,
+                        "space": "full",
+                        "search": "global",
+                        "protected": is_protected,
+                        "coefficient": found.coefficient,
+                        "hparams": {
+                            k: v for k, v in get_merge_method(method).resolve().items() if k != "thresholds"
+                        },
+                        "acc": accs,
+                        "val_score": found.score,
+                        "points_tried": len(found.tried),
+                    }
+                )
+                advance(1)
+
+    report = {
+        "suite": suite.name,
+        "target": target,
+        "tasks": tasks,
+        "seed": cfg.train.seed,
+        "zero_shot": zero_shot,
+        "standalone": {"unprotected": standalone, "protected": {target: prot_test}},
+        "scaling_curve": {"s": list(cfg.scales), "unprotected": curve_plain, "protected": curve_prot},
+        "attacks": attacks,
+        "config": to_dict(cfg),
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    write_report(report, out)
+    return report
+
+
+def summary_rows(report: Mapping[str, Any]) -> Sequence[tuple[str, str, str]]:
+    """(what, unprotected, protected) rows for the terminal table."""
+    t = report["target"]
+    curve = report["scaling_curve"]
+
+    def at(s: float, key: str) -> str:
+        return f"{100 * curve[key][curve['s'].index(s)]:.1f}" if s in curve["s"] else "–"
+
+    rows = [
+        (f"standalone {t}", f"{100 * report['standalone']['unprotected'][t]:.1f}",
+         f"{100 * report['standalone']['protected'][t]:.1f}"),
+        (f"{t} at s=0.5", at(0.5, "unprotected"), at(0.5, "protected")),
+        (f"{t} at s=2", at(2.0, "unprotected"), at(2.0, "protected")),
+    ]
+    for method in dict.fromkeys(a["method"] for a in report["attacks"]):
+        pair = {a["protected"]: a for a in report["attacks"] if a["method"] == method}
+        rows.append((f"{method} merge, {t}", f"{100 * pair[False]['acc'][t]:.1f}", f"{100 * pair[True]['acc'][t]:.1f}"))
+        rows.append((f"{method} merge, mean of {len(report['tasks'])}", f"{100 * pair[False]['acc']['mean']:.1f}",
+                     f"{100 * pair[True]['acc']['mean']:.1f}"))
+    rows.append(("zero-shot mean", f"{100 * report['zero_shot']['mean']:.1f}", ""))
+    return rows

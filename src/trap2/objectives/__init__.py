@@ -1,0 +1,23 @@
+"""Registered training objectives: ``none`` (plain fine-tuning) and ``trap2`` (the paper's two-pass)."""
+
+from __future__ import annotations
+
+from trap2.config import ObjectiveConfig
+from trap2.objectives.base import Objective, ObjectiveFactory, StepStats
+from trap2.objectives.none import PlainObjective
+from trap2.objectives.trap2 import Trap2Objective
+from trap2.registry import Registry
+
+OBJECTIVES: Registry[ObjectiveFactory] = Registry("objective")
+OBJECTIVES.register("none", PlainObjective)
+OBJECTIVES.register("trap2", Trap2Objective)
+
+
+def get_objective(cfg: ObjectiveConfig | str) -> Objective:
+    """The objective named by ``cfg.name`` (or a bare name, with default settings)."""
+    if isinstance(cfg, str):
+        cfg = ObjectiveConfig(name=cfg)
+    return OBJECTIVES.get(cfg.name)(cfg)
+
+
+__all__ = ["OBJECTIVES", "Objective", "StepStats", "get_objective"]

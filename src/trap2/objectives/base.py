@@ -1,0 +1,69 @@
+"""The objective interface: compute the loss of one mini-batch and accumulate its gradient."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from trap2.config import ObjectiveConfig
+from trap2.scaling import ScaledModel
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepStats:
+    """What one step computed, for logging. ``loss`` is the objective J itself."""
+
+    loss: float
+    nominal: float
+    off_nominal: float | None = None
+    scales: list[float] = field(default_factory=list)
+
+
+class Objective(Protocol):
+    name: str
+
+    def backward(
+        self, model: ScaledModel, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, gen: torch.Generator
+    ) -> StepStats:
+        """Run the forward pass(es), call ``backward`` (gradients accumulate), return the stats."""
+        ...
+
+
+ObjectiveFactory = Callable[[ObjectiveConfig], Objective]
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@contextlib.contextmanager
+def same_random_draws(device: torch.device) -> Iterator[Callable[[], None]]:
+    """Yield ``replay()``, which rewinds the RNG to where it was on entry (same dropout masks).
+
+    The first pass inside the block is the nominal one; on exit the RNG is left where that pass left
+    it, so the extra passes do not shift the random stream of later steps: a protected run draws the
+    same dropout masks as the plain run it is compared with.
+    """
+    entry = _rng_state(device)
+    after_first: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def replay() -> None:
+        if not after_first:
+            after_first.append(_rng_state(device))
+        _set_rng_state(entry, device)
+
+    yield replay
+    if after_first:
+        _set_rng_state(after_first[0], device)

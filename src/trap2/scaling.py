@@ -1,0 +1,105 @@
+"""Evaluate a model at W0 + s·ΔW while training ΔW.
+
+- LoRA: every PEFT ``LoraLayer`` computes ``base(x) + B(A(dropout(x))) · scaling``; multiplying each
+  layer's own ``scaling`` by s gives exactly W0 + s·ΔW whatever the α/r, rsLoRA α/√r, ``rank_pattern``
+  or ``alpha_pattern`` (PEFT's ``set_scale`` recomputes α/r and would be wrong under patterns).
+- Full fine-tuning: W0 is kept once (a detached copy made when training starts); the off-nominal forward
+  is a ``functional_call`` with W0 + s·(W − W0) for every trainable parameter, so gradients reach W with
+  the factor s and no model copy is made per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from trap2.errors import ConfigError
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def check_scalable_lora(model: nn.Module) -> None:
+    """Reject adapters whose output is not linear in the update (DoRA) or holds unscaled parts."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ConfigError("the model has no LoRA layers: check lora.target_modules against the model's modules")
+    for m in layers:
+        if any(getattr(m, "use_dora", {}).values()):
+            raise ConfigError(
+                "DoRA adapters are not supported: DoRA renormalises W0+ΔW per column, so scaling the "
+                "update is not W0 + s·ΔW"
+            )
+    peft_cfg = getattr(model, "peft_config", None)
+    if peft_cfg:
+        for cfg in peft_cfg.values():
+            if getattr(cfg, "modules_to_save", None):
+                raise ConfigError(
+                    "LoRA modules_to_save is not supported: those fully trained modules are not scaled with "
+                    "the adapter, so the objective would not see W0 + s·ΔW"
+                )
+
+
+@contextlib.contextmanager
+def lora_scale(model: nn.Module, s: float) -> Iterator[None]:
+    """Within the block, every active LoRA branch is multiplied by ``s`` (W0 + s·ΔW)."""
+    saved: list[tuple[dict[str, float], str, float]] = []
+    try:
+        for m in lora_layers(model):
+            for name in m.active_adapters:
+                if name in m.scaling:
+                    saved.append((m.scaling, name, m.scaling[name]))
+                    m.scaling[name] = m.scaling[name] * s
+        yield
+    finally:
+        for scaling, name, value in saved:
+            scaling[name] = value
+
+
+def base_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """W0 for full fine-tuning: a detached copy of every trainable parameter, made once."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def scaled_params(
+    model: nn.Module, w0: Mapping[str, torch.Tensor], s: float
+) -> dict[str, torch.Tensor]:
+    """{name: W0 + s·(W − W0)} for the trainable parameters (differentiable in W)."""
+    params = dict(model.named_parameters())
+    return {n: w0[n] + s * (params[n] - w0[n]) for n in w0}
+
+
+class ScaledModel:
+    """A model that can run at any scale s of its update: ``forward(x, s)``.
+
+    ``kind='lora'``: a model containing PEFT LoRA layers; ``kind='full'``: ``w0`` holds the base values
+    of the trainable parameters of ``model``.
+    """
+
+    def __init__(self, model: nn.Module, kind: str, w0: Mapping[str, torch.Tensor] | None = None) -> None:
+        if kind not in ("lora", "full"):
+            raise ConfigError(f"kind must be 'lora' or 'full', got {kind!r}")
+        if kind == "full" and w0 is None:
+            raise ConfigError("full fine-tuning needs the base parameters w0")
+        if kind == "lora":
+            check_scalable_lora(model)
+        self.model = model
+        self.kind = kind
+        self.w0 = dict(w0) if w0 is not None else None
+
+    def forward(self, x: torch.Tensor, s: float = 1.0) -> torch.Tensor:
+        if s == 1.0:
+            return self.model(x)
+        if self.kind == "lora":
+            with lora_scale(self.model, s):
+                return self.model(x)
+        return functional_call(self.model, scaled_params(self.model, self.w0, s), (x,), strict=False)
+
+    __call__ = forward

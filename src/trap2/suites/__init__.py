@@ -1,0 +1,30 @@
+"""Registered suites. ``get_suite(name)`` builds one (data and heads) and caches it per process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from trap2.registry import Registry
+from trap2.suites.base import CosineHead, Split, Suite, Task, TaskModel
+
+SUITES: Registry[Callable[[], Suite]] = Registry("suite")
+_BUILT: dict[str, Suite] = {}
+
+
+def _digits() -> Suite:
+    from trap2.suites.digits import build_suite
+
+    return build_suite()
+
+
+SUITES.register("digits", _digits)
+
+
+def get_suite(name: str) -> Suite:
+    builder = SUITES.get(name)
+    if name not in _BUILT:
+        _BUILT[name] = builder()
+    return _BUILT[name]
+
+
+__all__ = ["SUITES", "CosineHead", "Split", "Suite", "Task", "TaskModel", "get_suite"]

@@ -1,0 +1,97 @@
+"""Suites: a backbone W0 and the tasks that share it, each with data splits and a frozen head.
+
+Only the backbone update is trained and merged; heads stay frozen (like CLIP's zero-shot text heads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trap2.errors import UnknownNameError
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor  # (N, ...) inputs, already transformed for the task
+    y: torch.Tensor  # (N,) int64 labels
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+class CosineHead(nn.Module):
+    """Frozen cosine classifier: logits = scale · cos(feature, prototype_c)."""
+
+    def __init__(self, prototypes: torch.Tensor, logit_scale: float) -> None:
+        super().__init__()
+        self.register_buffer("prototypes", F.normalize(prototypes.float(), dim=-1))  # (C, d)
+        self.logit_scale = float(logit_scale)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, C)
+        return self.logit_scale * F.normalize(features, dim=-1) @ self.prototypes.T
+
+
+class TaskModel(nn.Module):
+    """Backbone (trainable or adapted) followed by a task's frozen head."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.head.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+@dataclass
+class Task:
+    name: str
+    n_classes: int
+    train: Split
+    val: Split
+    test: Split
+    head: CosineHead
+    description: str = ""
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise UnknownNameError(f"unknown split {name!r}; valid: train, val, test")
+        return getattr(self, name)
+
+
+@dataclass
+class Suite:
+    name: str
+    tasks: dict[str, Task]
+    make_backbone: Callable[[], nn.Module]  # a fresh backbone holding W0
+    lora_targets: tuple[str, ...]
+    default_target: str
+    fingerprint: str  # sha256 of the backbone weights: recorded in every update made on this suite
+    info: dict[str, object] = field(default_factory=dict)
+
+    def task(self, name: str) -> Task:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise UnknownNameError(
+                f"unknown task {name!r} in suite {self.name!r}; valid: {', '.join(self.tasks)}"
+            ) from None
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+
+@torch.no_grad()
+def prototype_head(backbone: nn.Module, split: Split, n_classes: int, logit_scale: float) -> CosineHead:
+    """Class-mean prototypes of W0 features on the training split (no test labels involved)."""
+    backbone.eval()
+    feats = F.normalize(backbone(split.x), dim=-1)
+    protos = torch.stack([feats[split.y == c].mean(0) for c in range(n_classes)])
+    return CosineHead(protos, logit_scale)

@@ -1,0 +1,186 @@
+"""The plain training loop: one task of a suite, LoRA or full fine-tuning, any registered objective.
+
+The optimiser (AdamW), schedule (linear warm-up, cosine decay), gradient clipping and number of steps
+come from ``TrainConfig`` alone, so protected and unprotected runs differ only in the objective.
+A step whose objective or gradient norm is NaN/Inf is skipped (no optimizer update) and counted; too
+many in a row stop training with :class:`TrainingError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trap2.config import TrainConfig, to_dict
+from trap2.errors import ConfigError, TrainingError
+from trap2.eval.evaluate import accuracy
+from trap2.objectives import get_objective
+from trap2.scaling import ScaledModel, base_params
+from trap2.suites.base import Suite, TaskModel
+from trap2.updates import Update
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    update: Update
+    val_acc: float  # standalone validation accuracy of the released update
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation
+    skipped_steps: int = 0
+    peft_model: Any = None  # the trained PeftModel (LoRA), for saving in PEFT's own format
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+    return torch.device(name)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _wrap_lora(backbone: torch.nn.Module, suite: Suite, cfg: TrainConfig) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    peft_cfg = LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=list(lc.target_modules or suite.lora_targets),
+        use_rslora=lc.use_rslora,
+        rank_pattern=dict(lc.rank_pattern),
+        alpha_pattern=dict(lc.alpha_pattern),
+        bias="none",
+    )
+    try:
+        return get_peft_model(backbone, peft_cfg)
+    except ValueError as e:  # PEFT's message for targets that match nothing
+        raise ConfigError(f"LoRA could not be applied: {str(e).splitlines()[0]}") from None
+
+
+def train_update(
+    suite: Suite, task_name: str, cfg: TrainConfig, progress: ProgressFn | None = None
+) -> TrainResult:
+    """Fine-tune the suite's backbone on one task with ``cfg.objective``; return the released update."""
+    task = suite.task(task_name)
+    objective = get_objective(cfg.objective)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # data order: the same for every objective
+    scale_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the objective's own draws (scales s)
+
+    backbone = suite.make_backbone()
+    w0 = None
+    if cfg.mode == "lora":
+        backbone = _wrap_lora(backbone, suite, cfg)
+    else:
+        backbone.requires_grad_(True)
+    model = TaskModel(backbone, task.head).to(device)
+    if cfg.mode == "full":
+        w0 = base_params(model)  # W0, kept once
+    scaled = ScaledModel(model, cfg.mode, w0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.peak_lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+    x_all, y_all = task.train.x, task.train.y
+    order = torch.randperm(len(y_all), generator=gen)
+    cursor = 0
+    history: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    skipped = in_a_row = 0
+    stats_sum: dict[str, float] = {}
+    n_sum = 0
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    for step in range(1, cfg.steps + 1):
+        if cursor + cfg.batch_size > len(order):
+            order, cursor = torch.randperm(len(y_all), generator=gen), 0
+        idx = order[cursor : cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        x, y = x_all[idx].to(device), y_all[idx].to(device)
+
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        st = objective.backward(scaled, x, y, F.cross_entropy, scale_gen)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+        if not (math.isfinite(st.loss) and bool(torch.isfinite(norm))):
+            skipped += 1
+            in_a_row += 1
+            opt.zero_grad(set_to_none=True)
+            log.warning("step %d: non-finite objective or gradient, step skipped (%d so far)", step, skipped)
+            if in_a_row >= cfg.max_nonfinite_in_row:
+                raise TrainingError(
+                    f"{in_a_row} non-finite steps in a row at step {step}: lower lr or objective.lam, "
+                    "or set objective.bound"
+                )
+            sched.step()
+            continue
+        in_a_row = 0
+        opt.step()
+        sched.step()
+        row = {"loss": st.loss, "nominal": st.nominal, "grad_norm": float(norm)}
+        if st.off_nominal is not None:
+            row["off_nominal"] = st.off_nominal
+        for k, v in row.items():
+            stats_sum[k] = stats_sum.get(k, 0.0) + v
+        n_sum += 1
+
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val = accuracy(model.backbone, task, "val")
+            entry = {"step": float(step), "val_acc": val, **{k: v / max(1, n_sum) for k, v in stats_sum.items()}}
+            history.append(entry)
+            stats_sum, n_sum = {}, 0
+            if cfg.select == "best" and (best is None or val >= best[0]):
+                best = (val, step, snapshot())
+            if progress:
+                progress(step, entry)
+
+    if cfg.select == "best" and best is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in best[2]:
+                    p.copy_(best[2][n])
+    val_acc = accuracy(model.backbone, task, "val")
+    meta = {
+        "suite": suite.name,
+        "task": task_name,
+        "mode": cfg.mode,
+        "objective": to_dict(cfg.objective),
+        "train": {k: v for k, v in to_dict(cfg).items() if k not in ("objective", "device")},
+        "base_fingerprint": suite.fingerprint,
+        "skipped_steps": skipped,
+        "val_acc": val_acc,
+    }
+    if cfg.mode == "lora":
+        update = Update.from_peft_model(model.backbone, meta=meta)
+        peft_model = model.backbone
+    else:
+        w0_backbone = {n.removeprefix("backbone."): t for n, t in w0.items()}
+        now = {n: p for n, p in model.backbone.named_parameters()}
+        update = Update.from_full(now, w0_backbone, meta=meta)
+        peft_model = None
+    return TrainResult(update, val_acc, history, skipped, peft_model)

@@ -1,0 +1,280 @@
+"""The released thing: an update ΔW, keyed by the base model's parameter names.
+
+Each entry is either :class:`LowRank` (a PEFT LoRA branch: A, B and its scaling, read exactly as PEFT
+defines it, ``rank_pattern``, ``alpha_pattern``, rsLoRA, ``fan_in_fan_out`` and ``lora_bias`` included)
+or a dense tensor (full fine-tuning: W − W0 for every trainable parameter).
+
+On disk:
+- LoRA: a standard PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) plus
+  ``trap2.json``; the protection settings also go into the safetensors header metadata (key ``trap2``),
+  never into ``adapter_config.json`` (PEFT warns on unknown keys).
+- Dense: a folder with ``delta.safetensors`` (+ ``trap2.json``), or a bare ``.safetensors`` of deltas.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trap2.errors import UpdateFileError
+from trap2.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+DENSE_WEIGHTS = "delta.safetensors"
+SIDECAR = "trap2.json"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """ΔW = scaling · B @ A (transposed if ``fan_in_fan_out``); conv kernels keep A's kernel dims."""
+
+    A: torch.Tensor  # (r, in) or (r, in, kh, kw)
+    B: torch.Tensor  # (out, r) or (out, r, 1, 1)
+    scaling: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def dense(self) -> torch.Tensor:
+        a = self.A.reshape(self.A.shape[0], -1).to(torch.float32)
+        b = self.B.reshape(self.B.shape[0], -1).to(torch.float32)
+        if b.shape[1] != a.shape[0]:
+            raise UpdateFileError(f"LoRA factors do not chain: B {tuple(self.B.shape)} vs A {tuple(self.A.shape)}")
+        delta = (b @ a) * self.scaling  # (out, in·kh·kw)
+        if self.A.dim() == 4:
+            return delta.reshape(self.B.shape[0], *self.A.shape[1:])
+        return delta.T if self.fan_in_fan_out else delta
+
+
+Delta = LowRank | torch.Tensor
+
+
+@dataclass
+class Update:
+    """ΔW per base parameter name, plus metadata (kind, base fingerprint, protection settings)."""
+
+    deltas: dict[str, Delta]
+    meta: dict[str, Any] = field(default_factory=dict)
+    peft_config: dict[str, Any] | None = None  # the adapter_config.json this update came from, if LoRA
+
+    @property
+    def kind(self) -> str:
+        return "lora" if any(isinstance(d, LowRank) for d in self.deltas.values()) else "dense"
+
+    def dense(self) -> dict[str, torch.Tensor]:
+        return {k: (d.dense() if isinstance(d, LowRank) else d.to(torch.float32)) for k, d in self.deltas.items()}
+
+    def check_base(
+        self, base: Mapping[str, torch.Tensor], fingerprint: str | None = None, where: str = "update"
+    ) -> None:
+        """Every delta must name a base parameter of the same shape, and a recorded base must match."""
+        for name, d in self.dense().items():
+            if name not in base:
+                raise UpdateFileError(f"{where}: tensor {name!r} has no counterpart in the base model")
+            if tuple(d.shape) != tuple(base[name].shape):
+                raise UpdateFileError(
+                    f"{where}: tensor {name!r} has shape {tuple(d.shape)} but the base has {tuple(base[name].shape)}"
+                )
+        fp = self.meta.get("base_fingerprint")
+        if fp and fingerprint and fp != fingerprint:
+            raise UpdateFileError(f"{where}: made for base {fp[:12]}…, not this base ({fingerprint[:12]}…)")
+
+    # --- construction from a trained model ----------------------------------------------------------
+
+    @classmethod
+    def from_peft_model(cls, model: nn.Module, adapter: str = "default", meta: dict[str, Any] | None = None) -> Update:
+        """Read the LoRA branches of a live PEFT model (names relative to the base model)."""
+        from trap2.scaling import lora_layers
+
+        deltas: dict[str, Delta] = {}
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        names = {id(m): n for n, m in base.named_modules()}
+        for m in lora_layers(base):
+            if adapter not in m.lora_A:
+                continue
+            name = names[id(m)]
+            fan = bool(getattr(m, "fan_in_fan_out", False))
+            deltas[f"{name}.weight"] = LowRank(
+                m.lora_A[adapter].weight.detach().clone(),
+                m.lora_B[adapter].weight.detach().clone(),
+                float(m.scaling[adapter]),
+                fan,
+            )
+            bias = getattr(m.lora_B[adapter], "bias", None)
+            if bias is not None:
+                deltas[f"{name}.bias"] = bias.detach().clone() * float(m.scaling[adapter])
+        cfg = model.peft_config[adapter].to_dict() if hasattr(model, "peft_config") else None
+        return cls(deltas, dict(meta or {}), _jsonable(cfg) if cfg else None)
+
+    @classmethod
+    def from_full(
+        cls, params: Mapping[str, torch.Tensor], w0: Mapping[str, torch.Tensor], meta: dict[str, Any] | None = None
+    ) -> Update:
+        """ΔW = W − W0 over every parameter in ``w0``."""
+        return cls({n: (params[n].detach() - w0[n]).clone() for n in w0}, dict(meta or {}))
+
+    # --- files -----------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str], peft_model: nn.Module | None = None) -> Path:
+        """Write the update folder atomically (see the module docstring for the layout)."""
+        out = Path(path)
+        meta_json = json.dumps(self.meta, sort_keys=True)
+        with atomic_dir(out) as tmp:
+            if self.kind == "lora":
+                if peft_model is not None:
+                    peft_model.save_pretrained(str(tmp))
+                    tensors, _ = load_tensors(tmp / ADAPTER_WEIGHTS)
+                else:
+                    tensors = self._peft_tensors()
+                    write_json(tmp / ADAPTER_CONFIG, self._peft_config_dict())
+                save_tensors(tmp / ADAPTER_WEIGHTS, tensors, {"format": "pt", "trap2": meta_json})
+            else:
+                save_tensors(tmp / DENSE_WEIGHTS, self.dense(), {"format": "pt", "trap2": meta_json})
+            write_json(tmp / SIDECAR, {"kind": self.kind, **self.meta})
+        return out
+
+    def _peft_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, d in self.deltas.items():
+            if not isinstance(d, LowRank):
+                raise UpdateFileError(f"tensor {key!r} is dense and cannot be written as a LoRA adapter")
+            mod = key.removesuffix(".weight")
+            out[f"{PEFT_PREFIX}{mod}.lora_A.weight"] = d.A
+            out[f"{PEFT_PREFIX}{mod}.lora_B.weight"] = d.B
+        return out
+
+    def _peft_config_dict(self) -> dict[str, Any]:
+        """A LoraConfig reproducing each module's rank and scaling (α = scaling·r per module)."""
+        from peft import LoraConfig
+
+        items = [(k.removesuffix(".weight"), d) for k, d in self.deltas.items() if isinstance(d, LowRank)]
+        r0, s0 = items[0][1].rank, items[0][1].scaling
+        rank_pattern = {re.escape(m): d.rank for m, d in items if d.rank != r0}
+        alpha_pattern = {re.escape(m): d.scaling * d.rank for m, d in items if d.scaling != s0 or d.rank != r0}
+        cfg = LoraConfig(
+            r=r0,
+            lora_alpha=s0 * r0,
+            target_modules=sorted({m for m, _ in items}),
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+            fan_in_fan_out=items[0][1].fan_in_fan_out,
+        )
+        return _jsonable(cfg.to_dict())
+
+
+def load_update(path: str | os.PathLike[str]) -> Update:
+    """Load an update from a PEFT adapter folder, a trap2 dense folder, or a dense ``.safetensors``."""
+    p = Path(path)
+    if not p.exists():
+        raise UpdateFileError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / ADAPTER_CONFIG).is_file():
+            return _load_peft(p)
+        if (p / DENSE_WEIGHTS).is_file():
+            return _load_dense(p / DENSE_WEIGHTS)
+        raise UpdateFileError(f"{p}: neither a PEFT adapter ({ADAPTER_CONFIG}) nor a dense update ({DENSE_WEIGHTS})")
+    if p.suffix == ".safetensors":
+        return _load_dense(p)
+    raise UpdateFileError(f"{p}: unsupported update file (want a PEFT adapter folder or a .safetensors file)")
+
+
+def _meta_from(header: Mapping[str, str], where: Path) -> dict[str, Any]:
+    raw = header.get("trap2")
+    if raw is None:
+        sidecar = where.parent / SIDECAR if where.is_file() else where / SIDECAR
+        if sidecar.is_file():
+            meta = read_json(sidecar)
+            meta.pop("kind", None)
+            return meta
+        return {}
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise UpdateFileError(f"{where}: the 'trap2' header metadata is not valid JSON") from None
+
+
+def _load_dense(path: Path) -> Update:
+    tensors, header = load_tensors(path)
+    if not tensors:
+        raise UpdateFileError(f"{path}: holds no tensors")
+    for k, t in tensors.items():
+        if not t.is_floating_point():
+            raise UpdateFileError(f"{path}: tensor {k!r} has dtype {t.dtype}, expected a floating-point delta")
+    return Update(dict(tensors), _meta_from(header, path))
+
+
+def _load_peft(folder: Path) -> Update:
+    from peft.utils.other import get_pattern_key
+
+    cfg = read_json(folder / ADAPTER_CONFIG)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UpdateFileError(f"{folder}: peft_type {cfg.get('peft_type')!r} is not LoRA")
+    if cfg.get("use_dora"):
+        raise UpdateFileError(f"{folder}: DoRA adapters are not a linear update W0 + ΔW and are not supported")
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise UpdateFileError(f"{folder}: missing {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
+    tensors, header = load_tensors(weights)
+    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    rslora, fan = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
+    deltas: dict[str, Delta] = {}
+    modules = sorted({k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")})
+    if not modules:
+        raise UpdateFileError(f"{weights}: no lora_A/lora_B tensors found")
+    for key in modules:
+        a, b = tensors.get(f"{key}.lora_A.weight"), tensors.get(f"{key}.lora_B.weight")
+        if b is None:
+            raise UpdateFileError(f"{weights}: {key}.lora_A.weight has no matching lora_B.weight")
+        if a.shape[0] != b.shape[1]:
+            raise UpdateFileError(f"{weights}: {key}: lora_A rank {a.shape[0]} != lora_B rank {b.shape[1]}")
+        name = key.removeprefix(PEFT_PREFIX)
+        r_m = int(rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), r))
+        a_m = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), alpha))
+        if r_m != a.shape[0]:
+            raise UpdateFileError(f"{weights}: {key}: config says rank {r_m}, tensors have rank {a.shape[0]}")
+        scaling = a_m / math.sqrt(r_m) if rslora else a_m / r_m
+        deltas[f"{name}.weight"] = LowRank(a, b, scaling, fan)
+        bias = tensors.get(f"{key}.lora_B.bias")
+        if bias is not None:
+            deltas[f"{name}.bias"] = bias * scaling
+    unused = set(tensors) - {f"{m}.lora_{x}.weight" for m in modules for x in "AB"} - {
+        f"{m}.lora_B.bias" for m in modules
+    }
+    if unused:
+        raise UpdateFileError(
+            f"{weights}: tensors outside LoRA branches are not supported (e.g. {sorted(unused)[0]!r}; "
+            "modules_to_save would not be scaled with the update)"
+        )
+    return Update(deltas, _meta_from(header, folder), cfg)
+
+
+def apply_delta(
+    base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], coefficient: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """{name: W0 + c·ΔW} for the parameters the delta touches (for ``functional_call``)."""
+    return {n: base[n] + coefficient * d.to(base[n].device, base[n].dtype) for n, d in delta.items()}
+
+
+def _jsonable(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (set, tuple, list)):
+        return [_jsonable(v) for v in (sorted(d) if isinstance(d, set) else d)]
+    if hasattr(d, "value") and not isinstance(d, (int, float, str, bool)):
+        return d.value  # enums (peft_type, task_type)
+    return d
