@@ -22,14 +22,21 @@ from trap2.errors import Trap2Error  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Trap²: updates that break when merged.")
 
-Threads = Annotated[int, typer.Option(help="torch intra-op threads (default: min(2, CPU count))")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config file (CLI options override it)")]
+Threads = Annotated[
+    int, typer.Option(help="torch intra-op threads (default: $OMP_NUM_THREADS if set, else min(2, CPU count))")
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="YAML config file (CLI options override it)")
+]
 
 
 def _threads(n: int | None) -> None:
     import torch
 
-    torch.set_num_threads(n if n and n > 0 else min(2, os.cpu_count() or 1))
+    if not n or n < 1:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        n = int(env) if env.isdigit() and int(env) > 0 else min(2, os.cpu_count() or 1)
+    torch.set_num_threads(n)
 
 
 def _train_config(base: dict[str, Any], **overrides: Any) -> Any:
@@ -52,7 +59,9 @@ def _train_config(base: dict[str, Any], **overrides: Any) -> Any:
 def train(
     out: Annotated[Path, typer.Option(help="folder for the released update")],
     suite: Annotated[str | None, typer.Option(help="suite (default: digits)")] = None,
-    task: Annotated[str | None, typer.Option(help="task of the suite (default: the suite's default target)")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="task of the suite (default: the suite's default target)")
+    ] = None,
     objective: Annotated[str | None, typer.Option(help="'trap2' (protected) or 'none' (plain)")] = None,
     mode: Annotated[str | None, typer.Option(help="'lora' or 'full'")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
@@ -79,26 +88,52 @@ def train(
     raw = load_yaml(config) if config else {}
     unknown = sorted(set(raw) - {"suite", "task", "train"})
     if unknown:
-        raise Trap2Error(f"{config}: unknown top-level key(s) {', '.join(unknown)}; valid: suite, task, train")
-    cfg = _train_config(raw.get("train", {}), objective=objective, mode=mode, steps=steps, lr=lr, lam=lam,
-                        s_min=s_min, s_max=s_max, delta=delta, weight=weight, bound=bound, seed=seed, device=device)
+        raise Trap2Error(
+            f"{config}: unknown top-level key(s) {', '.join(unknown)}; valid: suite, task, train"
+        )
+    cfg = _train_config(
+        raw.get("train", {}),
+        objective=objective,
+        mode=mode,
+        steps=steps,
+        lr=lr,
+        lam=lam,
+        s_min=s_min,
+        s_max=s_max,
+        delta=delta,
+        weight=weight,
+        bound=bound,
+        seed=seed,
+        device=device,
+    )
     st = get_suite(suite or raw.get("suite", "digits"))
     task_name = task or raw.get("task") or st.default_target
     st.task(task_name)
-    result = train_update(st, task_name, cfg, lambda step, row: typer.echo(
-        f"step {step:>5}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")))
+    result = train_update(
+        st,
+        task_name,
+        cfg,
+        lambda step, row: typer.echo(
+            f"step {step:>5}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")
+        ),
+    )
     result.update.save(out, peft_model=result.peft_model)
     backbone = st.make_backbone()
     w0, d = base_state(backbone), result.update.dense()
     test = accuracy(backbone, st.task(task_name), "test", apply_delta(w0, d, 1.0))
     curve = scaling_curve(backbone, st.task(task_name), d, (0.5, 1.0, 2.0))
-    typer.echo(f"saved {out}  test acc {test:.3f}  acc(s=0.5/1/2) " + "/".join(f"{a:.3f}" for a in curve)
-               + (f"  skipped non-finite steps {result.skipped_steps}" if result.skipped_steps else ""))
+    typer.echo(
+        f"saved {out}  test acc {test:.3f}  acc(s=0.5/1/2) "
+        + "/".join(f"{a:.3f}" for a in curve)
+        + (f"  skipped non-finite steps {result.skipped_steps}" if result.skipped_steps else "")
+    )
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="output folder (report.json, report.md, scaling_curve.png, updates/)")],
+    out: Annotated[
+        Path, typer.Option(help="output folder (report.json, report.md, scaling_curve.png, updates/)")
+    ],
     suite: Annotated[str | None, typer.Option(help="suite (default: digits)")] = None,
     target: Annotated[str | None, typer.Option(help="task to protect (default: the suite's)")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps of every run")] = None,
@@ -121,7 +156,9 @@ def demo(
     raw = load_yaml(config) if config else {}
     base = to_dict(DemoConfig())
     base.update({k: v for k, v in raw.items() if k != "train"})
-    train_cfg = _train_config({**base["train"], **raw.get("train", {})}, steps=steps, mode=mode, lam=lam, seed=seed)
+    train_cfg = _train_config(
+        {**base["train"], **raw.get("train", {})}, steps=steps, mode=mode, lam=lam, seed=seed
+    )
     if suite is not None:
         base["suite"] = suite
     if target is not None:
@@ -131,7 +168,9 @@ def demo(
     console = Console()
     with RichReporter() as reporter:
         report = run_demo(cfg, out, fresh=fresh, reporter=reporter)
-    table = Table(title=f"trap2 demo: suite {report['suite']}, protected task {report['target']} (accuracy %)")
+    table = Table(
+        title=f"trap2 demo: suite {report['suite']}, protected task {report['target']} (accuracy %)"
+    )
     for col in ("", "unprotected", "Trap²"):
         table.add_column(col, justify="right" if col else "left")
     for row in summary_rows(report):
@@ -158,8 +197,11 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
     rows = []
     for name in METHODS:
         m = METHODS.get(name)
-        hp = {k: {"default": h.default, "valid": h.valid, "help": h.help} for k, h in m.hparams.items()
-              if k != "thresholds"}
+        hp = {
+            k: {"default": h.default, "valid": h.valid, "help": h.help}
+            for k, h in m.hparams.items()
+            if k != "thresholds"
+        }
         rows.append({"name": name, "summary": m.summary, "reference": m.reference, "hparams": hp})
     if as_json:
         typer.echo(json.dumps(rows, indent=2))

@@ -22,10 +22,12 @@ WEIGHTINGS = ("inv", "inv_sqrt", "none")
 MODES = ("lora", "full")
 SELECTIONS = ("last", "best")
 
+
 def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     if default is dataclasses.MISSING and "default_factory" not in kw:
         return field(metadata={"help": text}, **kw)
     return field(default=default, metadata={"help": text}, **kw)
+
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
@@ -65,6 +67,7 @@ class ObjectiveConfig:
         if self.bound is not None and not (math.isfinite(self.bound) and self.bound > 0):
             raise ConfigError(f"objective.bound must be null or a finite number > 0, got {self.bound}")
 
+
 @dataclass(frozen=True)
 class LoraSettings:
     """The LoRA adapter trained in ``mode='lora'`` (passed to PEFT's ``LoraConfig``)."""
@@ -75,8 +78,12 @@ class LoraSettings:
     target_modules: tuple[str, ...] | None = _help("module names to adapt; null = the suite's default", None)
     use_rslora: bool = _help("rank-stabilised scaling α/√r", False)
     use_dora: bool = _help("DoRA is not a linear rescaling of ΔW and is rejected", False)
-    rank_pattern: dict[str, int] = _help("per-module rank overrides (PEFT rank_pattern)", default_factory=dict)
-    alpha_pattern: dict[str, float] = _help("per-module α overrides (PEFT alpha_pattern)", default_factory=dict)
+    rank_pattern: dict[str, int] = _help(
+        "per-module rank overrides (PEFT rank_pattern)", default_factory=dict
+    )
+    alpha_pattern: dict[str, float] = _help(
+        "per-module α overrides (PEFT alpha_pattern)", default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:
@@ -96,6 +103,7 @@ class LoraSettings:
             if not self.target_modules:
                 raise ConfigError("lora.target_modules must name at least one module (or be null)")
 
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One fine-tuning run: the same optimiser, schedule and clipping for every objective."""
@@ -103,7 +111,7 @@ class TrainConfig:
     mode: str = _help("'lora' (PEFT adapter) or 'full' (every trainable backbone parameter)", "lora")
     objective: ObjectiveConfig = _help("training objective", default_factory=ObjectiveConfig)
     lora: LoraSettings = _help("LoRA settings (mode='lora')", default_factory=LoraSettings)
-    steps: int = _help("optimizer steps", 1000)
+    steps: int = _help("optimizer steps", 600)
     batch_size: int = _help("mini-batch size", 64)
     lr: float | None = _help("peak learning rate; null = 5e-3 for LoRA, 1e-3 for full", None)
     warmup_steps: int = _help("linear warm-up steps before the cosine decay", 50)
@@ -113,7 +121,9 @@ class TrainConfig:
     grad_clip: float | None = _help("gradient-norm clipping; null = off", 1.0)
     eval_every: int = _help("validate every N steps (for 'best' selection and the log)", 100)
     select: str = _help("released checkpoint: 'last' step, or 'best' standalone validation accuracy", "last")
-    max_nonfinite_in_row: int = _help("stop with an error after this many skipped non-finite steps in a row", 20)
+    max_nonfinite_in_row: int = _help(
+        "stop with an error after this many skipped non-finite steps in a row", 20
+    )
     seed: int = _help("random seed (data order, LoRA init, sampled scales)", 0)
     device: str = _help("'cpu', 'cuda', 'cuda:N' or 'auto'", "cpu")
 
@@ -152,15 +162,18 @@ class TrainConfig:
             return self.lr
         return 5e-3 if self.mode == "lora" else 1e-3
 
+
 def _finite(obj: Any, *names: str) -> None:
     for name in names:
         v = getattr(obj, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ConfigError(f"{type(obj).__name__}.{name} must be a finite number, got {v!r}")
 
+
 # --- dict / YAML round trip -------------------------------------------------------------------------
 
 C = TypeVar("C")
+
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config (tuples become lists)."""
@@ -175,6 +188,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return conv(cfg)
+
 
 def from_dict(cls: type[C], data: Any, where: str = "") -> C:
     """Build ``cls`` from a plain dict, recursing into nested configs; unknown keys are an error."""
@@ -197,6 +211,7 @@ def from_dict(cls: type[C], data: Any, where: str = "") -> C:
     except TypeError as e:  # wrong value types that slipped past coercion
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -217,6 +232,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return tuple(value)
     return value
 
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
@@ -230,6 +246,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping")
     return data
+
 
 def config_hash(*parts: Any) -> str:
     """A short stable hash of JSON-able parts, used as a cache key."""

@@ -43,14 +43,16 @@ class DemoConfig:
     target: str | None = _h("task whose update is protected; null = the suite's default", None)
     train: TrainConfig = _h(
         "training settings shared by every run; the protected run uses train.objective",
-        default_factory=lambda: TrainConfig(steps=600, objective=ObjectiveConfig(name="trap2")),
+        default_factory=lambda: TrainConfig(objective=ObjectiveConfig(name="trap2")),
     )
     methods: tuple[str, ...] = _h("merge methods to attack with", ("ta", "ties"))
     scales: tuple[float, ...] = _h("scales s of the scaling curve", CURVE_SCALES)
 
     def __post_init__(self) -> None:
         if self.train.objective.name == "none":
-            raise ConfigError("demo: train.objective must be a protecting objective (e.g. 'trap2'), not 'none'")
+            raise ConfigError(
+                "demo: train.objective must be a protecting objective (e.g. 'trap2'), not 'none'"
+            )
         object.__setattr__(self, "methods", tuple(self.methods))
         for m in self.methods:
             get_merge_method(m)
@@ -58,7 +60,12 @@ class DemoConfig:
 
 
 def trained_update(
-    suite: Suite, task: str, cfg: TrainConfig, cache: Path, fresh: bool = False, reporter: Reporter | None = None
+    suite: Suite,
+    task: str,
+    cfg: TrainConfig,
+    cache: Path,
+    fresh: bool = False,
+    reporter: Reporter | None = None,
 ) -> Update:
     """Train (or reuse the cached) update for ``task`` under ``cfg``."""
     key = config_hash(suite.name, suite.fingerprint, task, cfg)
@@ -125,9 +132,9 @@ def run_demo(
 
                 def score(c: float, params_for=params_for) -> float:
                     p = params_for(c)
-                    return sum(accuracy(backbone, suite.task(t), "val", p) / max(ft_val[t], 1e-8) for t in tasks) / len(
-                        tasks
-                    )
+                    return sum(
+                        accuracy(backbone, suite.task(t), "val", p) / max(ft_val[t], 1e-8) for t in tasks
+                    ) / len(tasks)
 
                 found = search_coefficient(score)
                 p = params_for(found.coefficient)
@@ -174,15 +181,29 @@ def summary_rows(report: Mapping[str, Any]) -> Sequence[tuple[str, str, str]]:
         return f"{100 * curve[key][curve['s'].index(s)]:.1f}" if s in curve["s"] else "–"
 
     rows = [
-        (f"standalone {t}", f"{100 * report['standalone']['unprotected'][t]:.1f}",
-         f"{100 * report['standalone']['protected'][t]:.1f}"),
+        (
+            f"standalone {t}",
+            f"{100 * report['standalone']['unprotected'][t]:.1f}",
+            f"{100 * report['standalone']['protected'][t]:.1f}",
+        ),
         (f"{t} at s=0.5", at(0.5, "unprotected"), at(0.5, "protected")),
         (f"{t} at s=2", at(2.0, "unprotected"), at(2.0, "protected")),
     ]
     for method in dict.fromkeys(a["method"] for a in report["attacks"]):
         pair = {a["protected"]: a for a in report["attacks"] if a["method"] == method}
-        rows.append((f"{method} merge, {t}", f"{100 * pair[False]['acc'][t]:.1f}", f"{100 * pair[True]['acc'][t]:.1f}"))
-        rows.append((f"{method} merge, mean of {len(report['tasks'])}", f"{100 * pair[False]['acc']['mean']:.1f}",
-                     f"{100 * pair[True]['acc']['mean']:.1f}"))
+        rows.append(
+            (
+                f"{method} merge, {t}",
+                f"{100 * pair[False]['acc'][t]:.1f}",
+                f"{100 * pair[True]['acc'][t]:.1f}",
+            )
+        )
+        rows.append(
+            (
+                f"{method} merge, mean of {len(report['tasks'])}",
+                f"{100 * pair[False]['acc']['mean']:.1f}",
+                f"{100 * pair[True]['acc']['mean']:.1f}",
+            )
+        )
     rows.append(("zero-shot mean", f"{100 * report['zero_shot']['mean']:.1f}", ""))
     return rows

@@ -30,7 +30,9 @@ def check_scalable_lora(model: nn.Module) -> None:
     """Reject adapters whose output is not linear in the update (DoRA) or holds unscaled parts."""
     layers = lora_layers(model)
     if not layers:
-        raise ConfigError("the model has no LoRA layers: check lora.target_modules against the model's modules")
+        raise ConfigError(
+            "the model has no LoRA layers: check lora.target_modules against the model's modules"
+        )
     for m in layers:
         if any(getattr(m, "use_dora", {}).values()):
             raise ConfigError(
@@ -68,9 +70,7 @@ def base_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def scaled_params(
-    model: nn.Module, w0: Mapping[str, torch.Tensor], s: float
-) -> dict[str, torch.Tensor]:
+def scaled_params(model: nn.Module, w0: Mapping[str, torch.Tensor], s: float) -> dict[str, torch.Tensor]:
     """{name: W0 + s·(W − W0)} for the trainable parameters (differentiable in W)."""
     params = dict(model.named_parameters())
     return {n: w0[n] + s * (params[n] - w0[n]) for n in w0}

@@ -52,7 +52,9 @@ class LowRank:
         a = self.A.reshape(self.A.shape[0], -1).to(torch.float32)
         b = self.B.reshape(self.B.shape[0], -1).to(torch.float32)
         if b.shape[1] != a.shape[0]:
-            raise UpdateFileError(f"LoRA factors do not chain: B {tuple(self.B.shape)} vs A {tuple(self.A.shape)}")
+            raise UpdateFileError(
+                f"LoRA factors do not chain: B {tuple(self.B.shape)} vs A {tuple(self.A.shape)}"
+            )
         delta = (b @ a) * self.scaling  # (out, in·kh·kw)
         if self.A.dim() == 4:
             return delta.reshape(self.B.shape[0], *self.A.shape[1:])
@@ -75,7 +77,9 @@ class Update:
         return "lora" if any(isinstance(d, LowRank) for d in self.deltas.values()) else "dense"
 
     def dense(self) -> dict[str, torch.Tensor]:
-        return {k: (d.dense() if isinstance(d, LowRank) else d.to(torch.float32)) for k, d in self.deltas.items()}
+        return {
+            k: (d.dense() if isinstance(d, LowRank) else d.to(torch.float32)) for k, d in self.deltas.items()
+        }
 
     def check_base(
         self, base: Mapping[str, torch.Tensor], fingerprint: str | None = None, where: str = "update"
@@ -95,7 +99,9 @@ class Update:
     # --- construction from a trained model ----------------------------------------------------------
 
     @classmethod
-    def from_peft_model(cls, model: nn.Module, adapter: str = "default", meta: dict[str, Any] | None = None) -> Update:
+    def from_peft_model(
+        cls, model: nn.Module, adapter: str = "default", meta: dict[str, Any] | None = None
+    ) -> Update:
         """Read the LoRA branches of a live PEFT model (names relative to the base model)."""
         from trap2.scaling import lora_layers
 
@@ -121,7 +127,10 @@ class Update:
 
     @classmethod
     def from_full(
-        cls, params: Mapping[str, torch.Tensor], w0: Mapping[str, torch.Tensor], meta: dict[str, Any] | None = None
+        cls,
+        params: Mapping[str, torch.Tensor],
+        w0: Mapping[str, torch.Tensor],
+        meta: dict[str, Any] | None = None,
     ) -> Update:
         """ΔW = W − W0 over every parameter in ``w0``."""
         return cls({n: (params[n].detach() - w0[n]).clone() for n in w0}, dict(meta or {}))
@@ -163,7 +172,9 @@ class Update:
         items = [(k.removesuffix(".weight"), d) for k, d in self.deltas.items() if isinstance(d, LowRank)]
         r0, s0 = items[0][1].rank, items[0][1].scaling
         rank_pattern = {re.escape(m): d.rank for m, d in items if d.rank != r0}
-        alpha_pattern = {re.escape(m): d.scaling * d.rank for m, d in items if d.scaling != s0 or d.rank != r0}
+        alpha_pattern = {
+            re.escape(m): d.scaling * d.rank for m, d in items if d.scaling != s0 or d.rank != r0
+        }
         cfg = LoraConfig(
             r=r0,
             lora_alpha=s0 * r0,
@@ -185,7 +196,9 @@ def load_update(path: str | os.PathLike[str]) -> Update:
             return _load_peft(p)
         if (p / DENSE_WEIGHTS).is_file():
             return _load_dense(p / DENSE_WEIGHTS)
-        raise UpdateFileError(f"{p}: neither a PEFT adapter ({ADAPTER_CONFIG}) nor a dense update ({DENSE_WEIGHTS})")
+        raise UpdateFileError(
+            f"{p}: neither a PEFT adapter ({ADAPTER_CONFIG}) nor a dense update ({DENSE_WEIGHTS})"
+        )
     if p.suffix == ".safetensors":
         return _load_dense(p)
     raise UpdateFileError(f"{p}: unsupported update file (want a PEFT adapter folder or a .safetensors file)")
@@ -212,7 +225,9 @@ def _load_dense(path: Path) -> Update:
         raise UpdateFileError(f"{path}: holds no tensors")
     for k, t in tensors.items():
         if not t.is_floating_point():
-            raise UpdateFileError(f"{path}: tensor {k!r} has dtype {t.dtype}, expected a floating-point delta")
+            raise UpdateFileError(
+                f"{path}: tensor {k!r} has dtype {t.dtype}, expected a floating-point delta"
+            )
     return Update(dict(tensors), _meta_from(header, path))
 
 
@@ -223,7 +238,9 @@ def _load_peft(folder: Path) -> Update:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UpdateFileError(f"{folder}: peft_type {cfg.get('peft_type')!r} is not LoRA")
     if cfg.get("use_dora"):
-        raise UpdateFileError(f"{folder}: DoRA adapters are not a linear update W0 + ΔW and are not supported")
+        raise UpdateFileError(
+            f"{folder}: DoRA adapters are not a linear update W0 + ΔW and are not supported"
+        )
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise UpdateFileError(f"{folder}: missing {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
@@ -252,9 +269,11 @@ def _load_peft(folder: Path) -> Update:
         bias = tensors.get(f"{key}.lora_B.bias")
         if bias is not None:
             deltas[f"{name}.bias"] = bias * scaling
-    unused = set(tensors) - {f"{m}.lora_{x}.weight" for m in modules for x in "AB"} - {
-        f"{m}.lora_B.bias" for m in modules
-    }
+    unused = (
+        set(tensors)
+        - {f"{m}.lora_{x}.weight" for m in modules for x in "AB"}
+        - {f"{m}.lora_B.bias" for m in modules}
+    )
     if unused:
         raise UpdateFileError(
             f"{weights}: tensors outside LoRA branches are not supported (e.g. {sorted(unused)[0]!r}; "

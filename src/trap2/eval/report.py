@@ -62,7 +62,7 @@ def plot_scaling_curve(report: dict[str, Any], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     curve = report["scaling_curve"]
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4.0), dpi=120)
     ax.plot(curve["s"], [100 * a for a in curve["unprotected"]], "o-", label="unprotected")
     ax.plot(curve["s"], [100 * a for a in curve["protected"]], "s-", color="C3", label="Trap²")
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
@@ -71,7 +71,7 @@ def plot_scaling_curve(report: dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{report['suite']} / {report['target']}: scaling curve")
     ax.set_ylim(0, 100)
-    ax.legend(loc="lower center", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -41,7 +41,9 @@ class MergeMethod:
         unknown = sorted(set(given) - set(self.hparams))
         if unknown:
             valid = ", ".join(self.hparams) or "none"
-            raise ConfigError(f"merge method {self.name!r} has no hyperparameter {unknown[0]!r}; valid: {valid}")
+            raise ConfigError(
+                f"merge method {self.name!r} has no hyperparameter {unknown[0]!r}; valid: {valid}"
+            )
         out = {k: given.get(k, h.default) for k, h in self.hparams.items()}
         for k, v in out.items():
             if not self.hparams[k].check(v):

@@ -40,12 +40,25 @@ def disjoint_mean(trimmed: torch.Tensor) -> torch.Tensor:
     summary="trim to top-k % magnitudes, elect sign, disjoint mean",
     reference="Yadav et al., NeurIPS 2023, arXiv:2306.01708",
     hparams={
-        "k": HParam(20.0, "percent of entries kept per task", lambda v: 0 < v <= 100, "(0, 100]",
-                    grid=(100, 90, 80, 70, 60, 50, 40, 30, 20, 10)),
-        "scope": HParam("tensor", "trim within each 'tensor' or over the whole 'model'",
-                        lambda v: v in ("tensor", "model"), "'tensor' or 'model'"),
-        "thresholds": HParam(None, "per-task magnitude thresholds (set by merge_deltas for scope='model')",
-                             lambda v: v is None or isinstance(v, (list, tuple)), "null or a list"),
+        "k": HParam(
+            20.0,
+            "percent of entries kept per task",
+            lambda v: 0 < v <= 100,
+            "(0, 100]",
+            grid=(100, 90, 80, 70, 60, 50, 40, 30, 20, 10),
+        ),
+        "scope": HParam(
+            "tensor",
+            "trim within each 'tensor' or over the whole 'model'",
+            lambda v: v in ("tensor", "model"),
+            "'tensor' or 'model'",
+        ),
+        "thresholds": HParam(
+            None,
+            "per-task magnitude thresholds (set by merge_deltas for scope='model')",
+            lambda v: v is None or isinstance(v, (list, tuple)),
+            "null or a list",
+        ),
     },
 )
 def ties(deltas: list[torch.Tensor], k: float, scope: str, thresholds: list[float] | None) -> torch.Tensor:

@@ -60,5 +60,9 @@ class Trap2Objective:
                 term.backward()
                 j += float(term.detach())
                 off_values.append(float(off.detach()))
-        return StepStats(loss=j, nominal=float(nominal.detach()), off_nominal=sum(off_values) / len(off_values),
-                         scales=scales)
+        return StepStats(
+            loss=j,
+            nominal=float(nominal.detach()),
+            off_nominal=sum(off_values) / len(off_values),
+            scales=scales,
+        )

@@ -37,7 +37,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         # (B, T, D) -> (B, H, T, D/H)
-        q, k, v = (m(x).view(b, t, self.heads, d // self.heads).transpose(1, 2) for m in (self.q, self.k, self.v))
+        q, k, v = (
+            m(x).view(b, t, self.heads, d // self.heads).transpose(1, 2) for m in (self.q, self.k, self.v)
+        )
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).reshape(b, t, d))
 

@@ -101,7 +101,9 @@ def train_update(
         w0 = base_params(model)  # W0, kept once
     scaled = ScaledModel(model, cfg.mode, w0)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.peak_lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=cfg.peak_lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
     x_all, y_all = task.train.x, task.train.y
@@ -151,7 +153,11 @@ def train_update(
 
         if step % cfg.eval_every == 0 or step == cfg.steps:
             val = accuracy(model.backbone, task, "val")
-            entry = {"step": float(step), "val_acc": val, **{k: v / max(1, n_sum) for k, v in stats_sum.items()}}
+            entry = {
+                "step": float(step),
+                "val_acc": val,
+                **{k: v / max(1, n_sum) for k, v in stats_sum.items()},
+            }
             history.append(entry)
             stats_sum, n_sum = {}, 0
             if cfg.select == "best" and (best is None or val >= best[0]):

@@ -1,0 +1,139 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from trap2.config import ObjectiveConfig
+from trap2.errors import UnknownNameError
+from trap2.objectives import OBJECTIVES, get_objective
+from trap2.objectives.base import same_random_draws
+from trap2.objectives.trap2 import sample_scales, scale_weight
+from trap2.scaling import ScaledModel, base_params
+
+
+def test_registry_lists_and_rejects():
+    assert {"none", "trap2"} <= set(OBJECTIVES.names())
+    with pytest.raises(UnknownNameError, match="valid: none, trap2"):
+        get_objective("trap3")
+    with pytest.raises(ValueError, match="already registered"):
+        OBJECTIVES.register("trap2", OBJECTIVES.get("trap2"))
+
+
+def test_scales_cover_both_sides_and_avoid_the_band():
+    cfg = ObjectiveConfig(s_min=0.05, s_max=2.0, delta=0.05)
+    s = torch.tensor(sample_scales(cfg, 20000, torch.Generator().manual_seed(0)))
+    assert s.min() >= 0.05 and s.max() <= 2.0
+    assert not ((s > 0.95) & (s < 1.05)).any()
+    # length-weighted: P(s < 1) = 0.9 / (0.9 + 0.95)
+    assert abs(float((s < 1).float().mean()) - 0.9 / 1.85) < 0.015
+    assert (
+        scale_weight("inv", 0.25) == 4.0
+        and scale_weight("inv_sqrt", 0.25) == 2.0
+        and scale_weight("none", 3) == 1
+    )
+
+
+def _full_model(tiny_net):
+    tiny_net = tiny_net.double()
+    w0 = base_params(tiny_net)
+    with torch.no_grad():  # move away from W0 so ΔW != 0
+        for p in tiny_net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return ScaledModel(tiny_net, "full", w0), w0
+
+
+def _reference_j(model, w0, x, y, s, cfg):
+    """J written out directly, in one graph, from the formula."""
+    params = dict(model.named_parameters())
+    at = lambda k: {n: w0[n] + k * (params[n] - w0[n]) for n in w0}  # noqa: E731
+    loss = lambda k: F.cross_entropy(functional_call(model, at(k), (x,)), y)  # noqa: E731
+    return loss(1.0) - cfg.lam * scale_weight(cfg.weight, s) * loss(s)
+
+
+@pytest.mark.parametrize("weight", ["inv", "inv_sqrt", "none"])
+def test_trap2_gradient_equals_the_formula_full(tiny_net, weight):
+    torch.manual_seed(1)
+    scaled, w0 = _full_model(tiny_net)
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 5, (16,))
+    cfg = ObjectiveConfig(lam=0.3, weight=weight)
+    s = sample_scales(cfg, 1, torch.Generator().manual_seed(5))[0]
+    st = get_objective(cfg).backward(scaled, x, y, F.cross_entropy, torch.Generator().manual_seed(5))
+    assert st.scales == [s]
+    got = {n: p.grad.clone() for n, p in tiny_net.named_parameters()}
+    tiny_net.zero_grad()
+    ref = _reference_j(tiny_net, w0, x, y, s, cfg)
+    ref.backward()
+    assert st.loss == pytest.approx(float(ref.detach()), rel=1e-12)
+    for n, p in tiny_net.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_trap2_gradient_matches_finite_differences(tiny_net):
+    torch.manual_seed(2)
+    scaled, w0 = _full_model(tiny_net)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
+    cfg = ObjectiveConfig(lam=0.5, bound=3.0)
+    s = sample_scales(cfg, 1, torch.Generator().manual_seed(9))[0]
+    get_objective(cfg).backward(scaled, x, y, F.cross_entropy, torch.Generator().manual_seed(9))
+    params = dict(tiny_net.named_parameters())
+    direction = {n: torch.randn_like(p) for n, p in params.items()}
+    analytic = sum(float((params[n].grad * direction[n]).sum()) for n in params)
+
+    def j_at(eps):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.add_(eps * direction[n])
+            l1 = F.cross_entropy(tiny_net(x), y)
+            ls = F.cross_entropy(scaled(x, s), y)
+            for n, p in params.items():
+                p.sub_(eps * direction[n])
+        return float(l1 - cfg.lam / s * 3.0 * torch.tanh(ls / 3.0))
+
+    h = 1e-6
+    numeric = (j_at(h) - j_at(-h)) / (2 * h)
+    assert numeric == pytest.approx(analytic, rel=1e-6)
+
+
+def test_several_samples_average(tiny_net):
+    scaled, w0 = _full_model(tiny_net)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
+    cfg = ObjectiveConfig(lam=0.2, n_samples=3)
+    st = get_objective(cfg).backward(scaled, x, y, F.cross_entropy, torch.Generator().manual_seed(3))
+    assert len(st.scales) == 3
+    with torch.no_grad():
+        ref = F.cross_entropy(tiny_net(x), y) - sum(
+            cfg.lam / s / 3 * F.cross_entropy(scaled(x, s), y) for s in st.scales
+        )
+    assert st.loss == pytest.approx(float(ref.detach()), rel=1e-12)
+
+
+def test_same_dropout_mask_for_both_terms_and_stream_unchanged():
+    drop = torch.nn.Dropout(0.5)
+    x = torch.ones(1000)
+    torch.manual_seed(0)
+    with same_random_draws(torch.device("cpu")) as replay:
+        a = drop(x)
+        replay()
+        b = drop(x)
+    after_protected = torch.rand(3)
+    torch.manual_seed(0)
+    drop(x)
+    after_plain = torch.rand(3)
+    assert torch.equal(a, b)
+    assert torch.equal(after_protected, after_plain)  # later steps see the plain run's random stream
+
+
+def test_bound_caps_the_off_nominal_term(tiny_net):
+    scaled, _ = _full_model(tiny_net)
+    x, y = torch.randn(8, 6, dtype=torch.float64) * 50, torch.randint(0, 5, (8,))
+    for bound in (None, 0.5):
+        tiny_net.zero_grad()
+        cfg = ObjectiveConfig(lam=1.0, bound=bound, weight="none")
+        st = get_objective(cfg).backward(scaled, x, y, F.cross_entropy, torch.Generator().manual_seed(0))
+        off_term = st.nominal - st.loss
+        if bound is None:
+            assert off_term == pytest.approx(st.off_nominal)
+        else:
+            assert off_term == pytest.approx(0.5 * math.tanh(st.off_nominal / 0.5)) and off_term < 0.5
