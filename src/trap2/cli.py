@@ -23,7 +23,8 @@ from trap2.errors import Trap2Error  # noqa: E402
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Trap²: updates that break when merged.")
 
 Threads = Annotated[
-    int, typer.Option(help="torch intra-op threads (default: $OMP_NUM_THREADS if set, else min(2, CPU count))")
+    int,
+    typer.Option(help="torch intra-op threads (default: $OMP_NUM_THREADS if set, else min(2, CPU count))"),
 ]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="YAML config file (CLI options override it)")

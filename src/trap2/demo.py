@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from trap2.attacks import search_coefficient
+from trap2.attacks import SEARCHES, EvalContext, attack_matrix
 from trap2.config import ObjectiveConfig, TrainConfig, config_hash, to_dict
 from trap2.errors import ConfigError
 from trap2.eval.evaluate import accuracy, base_state, scaling_curve
 from trap2.eval.report import write_report
-from trap2.merging import get_merge_method, merge_deltas
+from trap2.merging import SPACES, get_merge_method
 from trap2.progress import LogReporter, Reporter
 from trap2.suites import get_suite
 from trap2.suites.base import Suite
@@ -45,7 +45,14 @@ class DemoConfig:
         "training settings shared by every run; the protected run uses train.objective",
         default_factory=lambda: TrainConfig(objective=ObjectiveConfig(name="trap2")),
     )
-    methods: tuple[str, ...] = _h("merge methods to attack with", ("ta", "ties"))
+    methods: tuple[str, ...] = _h("merge methods to attack with", ("ta", "ties", "dare_ties", "tsv", "cart"))
+    spaces: tuple[str, ...] = _h(
+        "merge spaces (task arithmetic is the same in all: run in full only)", ("full", "knots", "core")
+    )
+    extra_searches: tuple[str, ...] = _h(
+        "searches run for task arithmetic besides the global one", ("per_task", "pinned")
+    )
+    hparam_search: bool = _h("also search each method's hyperparameters coordinate-wise (slower)", False)
     scales: tuple[float, ...] = _h("scales s of the scaling curve", CURVE_SCALES)
 
     def __post_init__(self) -> None:
@@ -53,10 +60,26 @@ class DemoConfig:
             raise ConfigError(
                 "demo: train.objective must be a protecting objective (e.g. 'trap2'), not 'none'"
             )
-        object.__setattr__(self, "methods", tuple(self.methods))
+        for name in ("methods", "spaces", "extra_searches"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         for m in self.methods:
             get_merge_method(m)
+        for sp in self.spaces:
+            SPACES.get(sp)
+        for se in self.extra_searches:
+            if se not in SEARCHES or se == "global":
+                raise ConfigError(f"extra_searches: {se!r} is not one of per_task, pinned")
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+
+    def cells(self) -> list[tuple[str, str, str]]:
+        """(method, space, search) cells: Core needs LoRA updates; TA is space-independent."""
+        spaces = [sp for sp in self.spaces if sp != "core" or self.train.mode == "lora"]
+        out = []
+        for m in self.methods:
+            out += [(m, "full", "global")] if m == "ta" else [(m, sp, "global") for sp in spaces]
+        if "ta" in self.methods:
+            out += [("ta", "full", se) for se in self.extra_searches]
+        return out
 
 
 def trained_update(
@@ -122,39 +145,16 @@ def run_demo(
     curve_plain = scaling_curve(backbone, suite.task(target), dense[target], cfg.scales)
     curve_prot = scaling_curve(backbone, suite.task(target), prot_dense, cfg.scales)
 
-    attacks = []
-    with reporter.stage("attack: merge + coefficient search", 2 * len(cfg.methods)) as advance:
-        for method in cfg.methods:
-            for is_protected in (False, True):
-                pool = [prot_dense if (is_protected and t == target) else dense[t] for t in tasks]
-                merged = merge_deltas(method, pool)
-                params_for = lambda c, m=merged: apply_delta(w0, m, c)  # noqa: E731
-
-                def score(c: float, params_for=params_for) -> float:
-                    p = params_for(c)
-                    return sum(
-                        accuracy(backbone, suite.task(t), "val", p) / max(ft_val[t], 1e-8) for t in tasks
-                    ) / len(tasks)
-
-                found = search_coefficient(score)
-                p = params_for(found.coefficient)
-                accs = _mean({t: accuracy(backbone, suite.task(t), "test", p) for t in tasks})
-                attacks.append(
-                    {
-                        "method": method,
-                        "space": "full",
-                        "search": "global",
-                        "protected": is_protected,
-                        "coefficient": found.coefficient,
-                        "hparams": {
-                            k: v for k, v in get_merge_method(method).resolve().items() if k != "thresholds"
-                        },
-                        "acc": accs,
-                        "val_score": found.score,
-                        "points_tried": len(found.tried),
-                    }
-                )
-                advance(1)
+    ctx = EvalContext(suite, ft_val)
+    pools = {
+        False: [updates[t] for t in tasks],
+        True: [protected if t == target else updates[t] for t in tasks],
+    }
+    cells = cfg.cells()
+    with reporter.stage("attack: merge + coefficient search", 2 * len(cells)) as advance:
+        attacks = attack_matrix(
+            ctx, pools, cells, tasks.index(target), cfg.hparam_search, lambda _r: advance(1)
+        )
 
     report = {
         "suite": suite.name,
@@ -189,20 +189,21 @@ def summary_rows(report: Mapping[str, Any]) -> Sequence[tuple[str, str, str]]:
         (f"{t} at s=0.5", at(0.5, "unprotected"), at(0.5, "protected")),
         (f"{t} at s=2", at(2.0, "unprotected"), at(2.0, "protected")),
     ]
-    for method in dict.fromkeys(a["method"] for a in report["attacks"]):
-        pair = {a["protected"]: a for a in report["attacks"] if a["method"] == method}
-        rows.append(
-            (
-                f"{method} merge, {t}",
-                f"{100 * pair[False]['acc'][t]:.1f}",
-                f"{100 * pair[True]['acc'][t]:.1f}",
-            )
+    n = len(report["tasks"])
+    for cell in dict.fromkeys((a["method"], a["space"], a["search"]) for a in report["attacks"]):
+        pair = {
+            a["protected"]: a for a in report["attacks"] if (a["method"], a["space"], a["search"]) == cell
+        }
+        label = " ".join(
+            x
+            for x in (cell[0], cell[1] if cell[0] != "ta" else "", cell[2] if cell[2] != "global" else "")
+            if x
         )
         rows.append(
             (
-                f"{method} merge, mean of {len(report['tasks'])}",
-                f"{100 * pair[False]['acc']['mean']:.1f}",
-                f"{100 * pair[True]['acc']['mean']:.1f}",
+                f"{label}: {t} / mean of {n}",
+                f"{100 * pair[False]['acc'][t]:.1f} / {100 * pair[False]['acc']['mean']:.1f}",
+                f"{100 * pair[True]['acc'][t]:.1f} / {100 * pair[True]['acc']['mean']:.1f}",
             )
         )
     rows.append(("zero-shot mean", f"{100 * report['zero_shot']['mean']:.1f}", ""))

@@ -44,15 +44,44 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for a in report["attacks"]:
         pool = "with Trap²" if a["protected"] else "unprotected"
+        coef = (
+            f"{a['coefficient']:g}"
+            if a["search"] == "global"
+            else "/".join(f"{c:g}" for c in a["coefficients"])
+        )
         verdict = "above" if a["acc"]["mean"] > zs["mean"] else "below"
         hp = ", ".join(f"{k}={v}" for k, v in a["hparams"].items())
         method = a["method"] + (f" ({hp})" if hp else "")
         lines.append(
-            f"| {method} | {a['space']} | {a['search']} | {pool} | {a['coefficient']:g} | "
+            f"| {method} | {a['space']} | {a['search']} | {pool} | {coef} | "
             f"{pct(a['acc'][target])} | {pct(a['acc']['mean'])} | {verdict} |"
         )
-    lines += ["", f"Wall time: {report['wall_seconds']:.0f} s.", ""]
+    lines += ["", *table2(report), f"Wall time: {report['wall_seconds']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+def table2(report: dict[str, Any]) -> list[str]:
+    """The paper's Table 2 layout: mean merged accuracy, rows unprotected / Trap², columns method × space."""
+    cells = list(
+        dict.fromkeys((a["method"], a["space"]) for a in report["attacks"] if a["search"] == "global")
+    )
+    if not cells:
+        return []
+    acc = {
+        (a["method"], a["space"], a["protected"]): a["acc"]["mean"]
+        for a in report["attacks"]
+        if a["search"] == "global"
+    }
+    header = " | ".join(f"{m} {sp}" if m != "ta" else "ta" for m, sp in cells)
+    lines = [
+        f"## Mean merged accuracy, global coefficient search (zero-shot {pct(report['zero_shot']['mean'])})",
+        "",
+        f"| pool | {header} |",
+        "|---|" + "---|" * len(cells),
+    ]
+    for prot, label in ((False, "unprotected"), (True, "with Trap²")):
+        lines.append(f"| {label} | " + " | ".join(pct(acc.get((m, sp, prot))) for m, sp in cells) + " |")
+    return [*lines, ""]
 
 
 def plot_scaling_curve(report: dict[str, Any], path: str | Path) -> None:

@@ -1,48 +1,118 @@
-"""Merge methods (registry + one module each) and the model-level ``merge_deltas``."""
+"""Merging: registered methods (one module each), merge spaces, and the model-level merge.
+
+``merge_updates(updates, "ties", space="knots", k=20)`` merges whole updates tensor by tensor and
+returns an :class:`~trap2.updates.Update` (low-rank where the space gives low-rank results);
+``merge_deltas`` is the dense shortcut.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from trap2.errors import ConfigError
-from trap2.merging import task_arithmetic, ties  # noqa: F401  (registers the methods)
+from trap2.merging import cart, dare, task_arithmetic, ties, tsv  # noqa: F401  (registers the methods)
+from trap2.merging.dare import content_seed
 from trap2.merging.registry import METHODS, HParam, MergeMethod, merge_method
+from trap2.merging.spaces import SPACES
 from trap2.merging.ties import magnitude_threshold
+from trap2.updates import Delta, LowRank, Update
+
+INTERNAL_HPARAMS = ("thresholds", "seeds")  # filled in by merge_updates, not set by users
 
 
 def get_merge_method(name: str) -> MergeMethod:
     return METHODS.get(name)
 
 
-def merge_deltas(
-    method: str | MergeMethod, deltas: Sequence[Mapping[str, torch.Tensor]], **hparams: Any
-) -> dict[str, torch.Tensor]:
-    """Merge dense updates tensor by tensor: {name: method([ΔW_1[name], …, ΔW_T[name]])}.
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed from the run seed and the tensor's name (order-independent, reproducible)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") >> 1
 
-    A name missing from some updates is merged over the updates that have it (a missing delta is 0
-    for task arithmetic; for the averaging methods it does not dilute the others).
+
+def _scaled(d: Delta, c: float) -> Delta:
+    if c == 1.0:
+        return d
+    return LowRank(d.A, d.B, d.scaling * c, d.fan_in_fan_out) if isinstance(d, LowRank) else d * c
+
+
+def merge_updates(
+    updates: Sequence[Update | Mapping[str, torch.Tensor]],
+    method: str | MergeMethod,
+    space: str = "full",
+    weights: Sequence[float] | None = None,
+    **hparams: Any,
+) -> Update:
+    """Merge updates tensor by tensor: {name: space(method, [ΔW_1[name], …])}.
+
+    ``weights`` scale each member before merging (per-task coefficients; a global coefficient is
+    applied to the result instead). A name missing from some updates is merged over those that have it.
     """
     m = get_merge_method(method) if isinstance(method, str) else method
-    if not deltas:
+    space_fn = SPACES.get(space)
+    ups = [u if isinstance(u, Update) else Update(dict(u)) for u in updates]
+    if not ups:
         raise ConfigError("merge needs at least one update")
+    if weights is not None and len(weights) != len(ups):
+        raise ConfigError(f"got {len(weights)} weights for {len(ups)} updates")
     resolved = m.resolve(**hparams)
+    thresholds = None
     if m.name == "ties" and resolved["scope"] == "model":
-        resolved["thresholds"] = [
-            magnitude_threshold(torch.cat([t.flatten() for t in d.values()]), resolved["k"]) for d in deltas
+        thresholds = [
+            magnitude_threshold(torch.cat([t.flatten() for t in u.dense().values()]), resolved["k"])
+            for u in ups
         ]
-    names = list(dict.fromkeys(n for d in deltas for n in d))
-    out = {}
+    names = list(dict.fromkeys(n for u in ups for n in u.deltas))
+    out: dict[str, Delta] = {}
     for name in names:
-        members = [d[name] for d in deltas if name in d]
-        if m.name == "ties" and resolved["thresholds"] is not None:
-            ths = [t for d, t in zip(deltas, resolved["thresholds"], strict=True) if name in d]
-            out[name] = m(members, **{**resolved, "thresholds": ths})
-        else:
-            out[name] = m(members, **resolved)
-    return out
+        idx = [i for i, u in enumerate(ups) if name in u.deltas]
+        members = [_scaled(ups[i].deltas[name], 1.0 if weights is None else weights[i]) for i in idx]
+        shapes = {tuple(_shape(d)) for d in members}
+        if len(shapes) != 1:
+            raise ConfigError(f"tensor {name!r} has different shapes across updates: {sorted(shapes)}")
+        hp = dict(resolved)
+        if "seeds" in hp:  # random methods: one seed per member, from its raw input (order-independent)
+            base = tensor_seed(resolved["seed"], name)
+            hp["seeds"] = [content_seed(base, *_raw(ups[i].deltas[name])) for i in idx]
+        if thresholds is not None:
+            hp["thresholds"] = [thresholds[i] for i in idx]
+        out[name] = space_fn(m, members, hp)
+    public = {k: v for k, v in resolved.items() if k not in INTERNAL_HPARAMS}
+    meta = {"merge": {"method": m.name, "space": space, "hparams": public}}
+    return Update(out, meta)
 
 
-__all__ = ["METHODS", "HParam", "MergeMethod", "get_merge_method", "merge_deltas", "merge_method"]
+def _raw(d: Delta) -> tuple[torch.Tensor, ...]:
+    return (d.A, d.B) if isinstance(d, LowRank) else (d,)
+
+
+def _shape(d: Delta) -> tuple[int, ...]:
+    if isinstance(d, LowRank):
+        return (d.B.shape[0], *d.A.shape[1:]) if not d.fan_in_fan_out else (d.A.shape[1], d.B.shape[0])
+    return tuple(d.shape)
+
+
+def merge_deltas(
+    method: str | MergeMethod,
+    deltas: Sequence[Mapping[str, torch.Tensor]],
+    space: str = "full",
+    **hparams: Any,
+) -> dict[str, torch.Tensor]:
+    """Dense shortcut: merge dense updates and return dense deltas."""
+    return merge_updates(list(deltas), method, space, **hparams).dense()
+
+
+__all__ = [
+    "METHODS",
+    "SPACES",
+    "HParam",
+    "MergeMethod",
+    "get_merge_method",
+    "merge_deltas",
+    "merge_method",
+    "merge_updates",
+    "tensor_seed",
+]

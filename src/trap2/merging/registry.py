@@ -35,6 +35,7 @@ class MergeMethod:
     summary: str
     reference: str
     hparams: dict[str, HParam] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)  # hparams under which one input is returned as is
 
     def resolve(self, **given: Any) -> dict[str, Any]:
         """Defaults filled in, unknown names and out-of-range values rejected."""
@@ -63,9 +64,15 @@ METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
 def merge_method(
-    name: str, *, summary: str, reference: str, hparams: dict[str, HParam] | None = None
+    name: str,
+    *,
+    summary: str,
+    reference: str,
+    hparams: dict[str, HParam] | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> Callable[[Kernel], MergeMethod]:
     def wrap(fn: Kernel) -> MergeMethod:
-        return METHODS.register(name, MergeMethod(name, fn, summary, reference, dict(hparams or {})))
+        spec = MergeMethod(name, fn, summary, reference, dict(hparams or {}), dict(identity or {}))
+        return METHODS.register(name, spec)
 
     return wrap

@@ -60,6 +60,7 @@ def disjoint_mean(trimmed: torch.Tensor) -> torch.Tensor:
             "null or a list",
         ),
     },
+    identity={"k": 100.0},
 )
 def ties(deltas: list[torch.Tensor], k: float, scope: str, thresholds: list[float] | None) -> torch.Tensor:
     ths = thresholds if thresholds is not None else [None] * len(deltas)

@@ -1,0 +1,190 @@
+"""Merge attacks on a pool of updates: merge (method × space) and search the coefficients on the
+suite's validation split, then report test accuracy. Three searches:
+
+- ``global``: W0 + c·merge(ΔW_1..ΔW_T), c over the paper's grid (early stop 10); with
+  ``hparam_search`` the method's own hyperparameters are then searched coordinate-wise over their grids
+  (each value: one merge, then the coefficient search again).
+- ``per_task``: W0 + merge(c_1·ΔW_1, …, c_T·ΔW_T), coordinate ascent over each c_i from the global
+  optimum (two sweeps over ``PER_TASK_GRID``); never worse than ``global`` on validation.
+- ``pinned``: the protected member fixed at its nominal scale, the others' common coefficient searched:
+  W0 + merge(ΔW_p, c·ΔW_j≠p).
+
+The merged delta is computed once per hyperparameter setting for ``global``; each coefficient point is
+one evaluation (no re-merge, no model copy). Task arithmetic is linear, so per-member weights never
+re-merge either; for the other methods each ``per_task``/``pinned`` point is one merge and one evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from trap2.attacks.search import PAPER_GRID, search_coefficient
+from trap2.errors import ConfigError
+from trap2.eval.evaluate import base_state
+from trap2.merging import INTERNAL_HPARAMS, get_merge_method, merge_updates
+from trap2.suites.base import Suite
+from trap2.updates import Update, apply_delta
+
+SEARCHES = ("global", "per_task", "pinned")
+PER_TASK_GRID: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+
+
+@dataclass
+class EvalContext:
+    """Evaluation plumbing for one suite: W0 once, the normalisers (unprotected fine-tuned val accuracy)."""
+
+    suite: Suite
+    normalisers: Mapping[str, float]
+
+    def __post_init__(self) -> None:
+        self.backbone = self.suite.make_backbone().eval()
+        self.w0 = base_state(self.backbone)
+        self.evaluations = 0
+        self._stacked = {split: self._stack(split) for split in ("val", "test")}
+
+    def _stack(self, split: str) -> tuple[torch.Tensor, list[tuple[str, int, int]]]:
+        """Every task's inputs in one batch (one forward per evaluation), with each task's slice."""
+        xs, spans, start = [], [], 0
+        for t in self.suite.task_names:
+            x = self.suite.task(t).split(split).x
+            xs.append(x)
+            spans.append((t, start, start + len(x)))
+            start += len(x)
+        return torch.cat(xs), spans
+
+    @torch.no_grad()
+    def accuracies(self, params: Mapping[str, torch.Tensor], split: str) -> dict[str, float]:
+        x, spans = self._stacked[split]
+        feats = functional_call(self.backbone, dict(params), (x,), strict=False)
+        out = {}
+        for t, a, b in spans:
+            task = self.suite.task(t)
+            out[t] = int((task.head(feats[a:b]).argmax(-1) == task.split(split).y).sum()) / (b - a)
+        return out
+
+    def params(self, delta: Mapping[str, torch.Tensor], c: float = 1.0) -> dict[str, torch.Tensor]:
+        return apply_delta(self.w0, delta, c)
+
+    def val_score(self, params: Mapping[str, torch.Tensor]) -> float:
+        """Mean normalised validation accuracy over the suite's tasks."""
+        self.evaluations += 1
+        accs = self.accuracies(params, "val")
+        return sum(accs[t] / max(self.normalisers[t], 1e-8) for t in accs) / len(accs)
+
+    def test_accs(self, params: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        accs = self.accuracies(params, "test")
+        return {**accs, "mean": sum(accs.values()) / len(accs)}
+
+
+def _merge_fn(pool: Sequence[Update], method: str, space: str, hp: Mapping[str, Any]):
+    """weights -> merged dense delta; linear (no re-merge) for task arithmetic."""
+    if method == "ta":
+        dense = [u.dense() for u in pool]
+
+        def linear(weights: Sequence[float]) -> dict[str, torch.Tensor]:
+            names = dict.fromkeys(n for d in dense for n in d)
+            return {n: sum(w * d[n] for w, d in zip(weights, dense, strict=True) if n in d) for n in names}
+
+        return linear
+    return lambda weights: merge_updates(pool, method, space, weights=list(weights), **hp).dense()
+
+
+def run_attack(
+    ctx: EvalContext,
+    pool: Sequence[Update],
+    method: str,
+    space: str = "full",
+    search: str = "global",
+    protected_index: int | None = None,
+    hparams: Mapping[str, Any] | None = None,
+    hparam_search: bool = False,
+    grid: Sequence[float] = PAPER_GRID,
+) -> dict[str, Any]:
+    """One cell of the attack matrix: the best merge the attacker finds on validation, scored on test."""
+    if search not in SEARCHES:
+        raise ConfigError(f"unknown search {search!r}; valid: {', '.join(SEARCHES)}")
+    m = get_merge_method(method)
+    hp = {k: v for k, v in m.resolve(**(hparams or {})).items() if k not in INTERNAL_HPARAMS}
+    n_eval0 = ctx.evaluations
+
+    def global_search(hp_: Mapping[str, Any]) -> tuple[float, float, dict[str, torch.Tensor]]:
+        merged = merge_updates(pool, method, space, **hp_).dense()  # once per hyperparameter setting
+        found = search_coefficient(lambda c: ctx.val_score(ctx.params(merged, c)), grid)
+        return found.coefficient, found.score, merged
+
+    c, score, merged = global_search(hp)
+    if hparam_search:
+        for name, spec in m.hparams.items():
+            for value in spec.grid:
+                if value == hp[name]:
+                    continue
+                trial = {**hp, name: value}
+                c2, s2, merged2 = global_search(trial)
+                if s2 > score:
+                    c, score, merged, hp = c2, s2, merged2, trial
+    coefficients: list[float] = [c] * len(pool)
+    params = ctx.params(merged, c)
+
+    if search == "per_task":
+        fn = _merge_fn(pool, method, space, hp)
+        weights = [c] * len(pool)
+        for _sweep in range(2):
+            improved = False
+            for i in range(len(pool)):
+                for w in PER_TASK_GRID:
+                    if w == weights[i]:
+                        continue
+                    trial = weights[:i] + [w] + weights[i + 1 :]
+                    s = ctx.val_score(ctx.params(fn(trial)))
+                    if s > score:
+                        score, weights, improved = s, trial, True
+            if not improved:
+                break
+        coefficients = weights
+        params = ctx.params(fn(weights))
+    elif search == "pinned":
+        if protected_index is None:
+            raise ConfigError("search='pinned' needs the index of the protected member")
+        fn = _merge_fn(pool, method, space, hp)
+        weights_at = lambda c_: [1.0 if i == protected_index else c_ for i in range(len(pool))]  # noqa: E731
+        found = search_coefficient(lambda c_: ctx.val_score(ctx.params(fn(weights_at(c_)))), grid)
+        score, coefficients = found.score, weights_at(found.coefficient)
+        c = found.coefficient
+        params = ctx.params(fn(coefficients))
+
+    return {
+        "method": method,
+        "space": space,
+        "search": search,
+        "coefficient": c,
+        "coefficients": coefficients,
+        "hparams": dict(hp),
+        "val_score": score,
+        "evaluations": ctx.evaluations - n_eval0,
+        "acc": ctx.test_accs(params),
+    }
+
+
+def attack_matrix(
+    ctx: EvalContext,
+    pools: Mapping[bool, Sequence[Update]],
+    cells: Sequence[tuple[str, str, str]],
+    protected_index: int | None = None,
+    hparam_search: bool = False,
+    on_cell: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every (method, space, search) cell on each pool ({protected: pool}); same budget for both."""
+    out = []
+    for method, space, search in cells:
+        for is_protected, pool in pools.items():
+            rec = run_attack(ctx, pool, method, space, search, protected_index, hparam_search=hparam_search)
+            rec["protected"] = is_protected
+            out.append(rec)
+            if on_cell:
+                on_cell(rec)
+    return out

@@ -1,0 +1,96 @@
+"""Merge spaces: how each tensor's task deltas are represented before a merge method runs.
+
+- ``full``: the dense ΔW_i.
+- ``knots`` (Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025): SVD of the
+  column-stacked [ΔW_1 … ΔW_T] = U·S·[V_1 … V_T]ᵀ; the method merges the task-specific V_i and the
+  result is U·S·V_mergedᵀ.
+- ``core`` (LoRA only; "core space" merging, Panariello et al., 2025): reference bases from the SVD of
+  the stacked B's and of the stacked A's; each task becomes a small core M_i = U_Bᵀ·B_i·A_i·V_A; the
+  method merges the cores and the result is U_B·M·V_Aᵀ.
+
+Task arithmetic gives the same result in every space (the bases span every member exactly). Tensors
+that are not matrices (biases, norms) are merged in full space. KnOTS and Core return low-rank deltas,
+so a merge of LoRA adapters in those spaces is written back as a LoRA adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from trap2.errors import ConfigError
+from trap2.merging.registry import MergeMethod
+from trap2.registry import Registry
+from trap2.updates import Delta, LowRank
+
+SpaceFn = Callable[[MergeMethod, Sequence[Delta], dict[str, Any]], Delta]
+SPACES: Registry[SpaceFn] = Registry("merge space")
+
+
+def _dense(d: Delta) -> torch.Tensor:
+    return d.dense() if isinstance(d, LowRank) else d
+
+
+def _rank(s: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> int:
+    """Numerical rank (as numpy.linalg.matrix_rank) at the precision of the input data ``dtype``:
+    directions below it are rounding noise with arbitrary singular vectors, which a method working on
+    the factors (TSV, TIES) would otherwise treat as signal."""
+    if s.numel() == 0 or s[0] == 0:
+        return 1
+    tol = s[0] * max(shape) * torch.finfo(dtype).eps
+    return max(1, int((s > tol).sum()))
+
+
+def _as_low_rank(b: torch.Tensor, a: torch.Tensor, like: torch.Tensor) -> Delta:
+    """B (out, r) · A (r, in') as a LowRank shaped like ``like`` (conv kernels keep their dims)."""
+    b32, a32 = b.to(torch.float32).contiguous(), a.to(torch.float32).contiguous()
+    if like.dim() == 4:
+        return LowRank(a32.reshape(a32.shape[0], *like.shape[1:]), b32[:, :, None, None], 1.0)
+    return LowRank(a32, b32, 1.0)
+
+
+def merge_full(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]) -> Delta:
+    return method([_dense(d) for d in members], **hp)
+
+
+def merge_knots(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]) -> Delta:
+    dense = [_dense(d) for d in members]
+    if dense[0].dim() < 2:
+        return method(dense, **hp)
+    like = dense[0]
+    mats = [d.reshape(like.shape[0], -1).to(torch.float64) for d in dense]  # (m, n') each
+    n = mats[0].shape[1]
+    u, s, vh = torch.linalg.svd(torch.cat(mats, dim=1), full_matrices=False)  # (m, T·n')
+    r = _rank(s, (mats[0].shape[0], n * len(mats)), like.dtype)
+    v = vh[:r].T  # (T·n', r)
+    per_task = [v[i * n : (i + 1) * n] for i in range(len(mats))]  # V_i: (n', r)
+    v_merged = method(per_task, **hp)
+    return _as_low_rank(u[:, :r] * s[:r], v_merged.T, like)
+
+
+def merge_core(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]) -> Delta:
+    if not all(isinstance(d, LowRank) for d in members):
+        if all(not isinstance(d, LowRank) and d.dim() < 2 for d in members):
+            return method(list(members), **hp)  # biases and norms: full space
+        raise ConfigError("core space needs LoRA (low-rank) updates for every matrix; got a dense delta")
+    if len({d.fan_in_fan_out for d in members}) != 1:
+        raise ConfigError("core space: members disagree on fan_in_fan_out")
+    like = members[0].dense()
+    bs = [d.B.reshape(d.B.shape[0], -1).to(torch.float64) * d.scaling for d in members]  # (m, r_i)
+    as_ = [d.A.reshape(d.A.shape[0], -1).to(torch.float64) for d in members]  # (r_i, n')
+    u_b, s_b, _ = torch.linalg.svd(torch.cat(bs, dim=1), full_matrices=False)
+    u_b = u_b[:, : _rank(s_b, (u_b.shape[0], sum(b.shape[1] for b in bs)), members[0].B.dtype)]  # (m, R)
+    _, s_a, vh_a = torch.linalg.svd(torch.cat(as_, dim=0), full_matrices=False)
+    v_a = vh_a[: _rank(s_a, (sum(a.shape[0] for a in as_), vh_a.shape[1]), members[0].A.dtype)].T  # (n', R')
+    cores = [u_b.T @ b @ a @ v_a for b, a in zip(bs, as_, strict=True)]  # (R, R') each
+    merged = method(cores, **hp)
+    out = _as_low_rank(u_b @ merged, v_a.T, like)
+    # fan_in_fan_out layers (GPT-2 Conv1D) store ΔWᵀ: B·A is computed untransposed, as PEFT does
+    return LowRank(out.A, out.B, out.scaling, True) if members[0].fan_in_fan_out else out
+
+
+SPACES.register("full", merge_full)
+SPACES.register("knots", merge_knots)
+SPACES.register("core", merge_core)
