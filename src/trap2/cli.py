@@ -181,6 +181,45 @@ def demo(
 
 
 @app.command()
+def merge(
+    updates: Annotated[
+        list[Path], typer.Argument(help="update folders (PEFT adapters or dense) or .safetensors")
+    ],
+    base: Annotated[
+        str, typer.Option(help="the base: a suite name (its backbone) or a checkpoint .safetensors")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="output folder: a PEFT adapter if low-rank, else delta.safetensors")
+    ],
+    method: Annotated[str, typer.Option(help="merge method (see `trap2 methods`)")] = "ta",
+    space: Annotated[str, typer.Option(help="merge space: full, knots or core")] = "full",
+    coefficient: Annotated[float | None, typer.Option(help="global coefficient c (default 1)")] = None,
+    search: Annotated[str | None, typer.Option(help="search c on this suite's validation split")] = None,
+    hparam: Annotated[
+        list[str] | None, typer.Option(help="method hyperparameter KEY=VALUE (repeatable)")
+    ] = None,
+    merged_checkpoint: Annotated[
+        bool, typer.Option("--merged-checkpoint", help="also write W0 + c·ΔW as model.safetensors")
+    ] = False,
+    threads: Threads = 0,
+) -> None:
+    """Merge updates (method × space), with a given or searched coefficient, and write the result."""
+    from trap2.merge_job import merge_files, parse_hparams
+
+    _threads(threads)
+    r = merge_files(
+        updates, base, method, space, out, coefficient, search, parse_hparams(hparam or []), merged_checkpoint
+    )
+    kind = "PEFT adapter" if r.update.kind == "lora" else "dense delta"
+    typer.echo(
+        f"merged {len(updates)} updates with {method} in {space} space, c = {r.coefficient:g} -> {out} ({kind})"
+    )
+    if r.search:
+        accs = "  ".join(f"{t} {a:.3f}" for t, a in r.search["test_acc"].items())
+        typer.echo(f"searched on {r.search['suite']} ({r.search['points']} points); test accuracy: {accs}")
+
+
+@app.command()
 def objectives() -> None:
     """List the registered training objectives."""
     from trap2.objectives import OBJECTIVES
@@ -192,25 +231,27 @@ def objectives() -> None:
 
 @app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
-    """List the registered merge methods with their hyperparameters and references."""
-    from trap2.merging import METHODS
+    """List the registered merge methods and spaces with their hyperparameters and references."""
+    from trap2.merging import INTERNAL_HPARAMS, METHODS, SPACES
 
     rows = []
     for name in METHODS:
         m = METHODS.get(name)
         hp = {
-            k: {"default": h.default, "valid": h.valid, "help": h.help}
+            k: {"default": h.default, "valid": h.valid, "help": h.help, "grid": list(h.grid)}
             for k, h in m.hparams.items()
-            if k != "thresholds"
+            if k not in INTERNAL_HPARAMS
         }
         rows.append({"name": name, "summary": m.summary, "reference": m.reference, "hparams": hp})
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps({"methods": rows, "spaces": SPACES.names()}, indent=2))
         return
     for r in rows:
-        typer.echo(f"{r['name']:6} {r['summary']}  [{r['reference']}]")
+        typer.echo(f"{r['name']:10} {r['summary']}  [{r['reference']}]")
         for k, h in r["hparams"].items():
-            typer.echo(f"         {k} = {h['default']!r} ({h['valid']}): {h['help']}")
+            typer.echo(f"           {k} = {h['default']!r} ({h['valid']}): {h['help']}")
+    typer.echo("spaces (any method in any space): full = dense ΔW; knots = SVD of the column-stacked deltas;")
+    typer.echo("  core = LoRA only, bases of the stacked A's and B's")
 
 
 def main() -> None:

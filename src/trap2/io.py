@@ -125,6 +125,62 @@ def load_tensors(
     return tensors, metadata
 
 
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a safetensors file, each read (and checked) only when accessed.
+
+    Lets a merge stream tensor by tensor: peak memory holds the tensors in use, not every input file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], check_finite: bool = True) -> None:
+        self.path = Path(path)
+        self.check_finite = check_finite
+        _, self.metadata = _header(self.path)
+        with safe_open(str(self.path), framework="pt") as f:
+            self._keys = list(f.keys())  # noqa: SIM118
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                t = f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise UpdateFileError(
+                f"{self.path}: tensor {key!r} is unreadable ({str(e).splitlines()[0]})"
+            ) from None
+        if self.check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UpdateFileError(f"{self.path}: tensor {key!r} contains NaN or Inf")
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _header(p: Path) -> tuple[list[str], dict[str, str]]:
+    if not p.is_file():
+        raise UpdateFileError(f"{p}: no such file")
+    if p.stat().st_size < 8:
+        raise UpdateFileError(f"{p}: empty or truncated safetensors file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return list(f.keys()), dict(f.metadata() or {})  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise UpdateFileError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def open_tensors(
+    path: str | os.PathLike[str], *, lazy: bool = False
+) -> tuple[Mapping[str, torch.Tensor], dict[str, str]]:
+    """Eager (:func:`load_tensors`) or lazy (:class:`LazyTensors`) access to a safetensors file."""
+    if lazy:
+        t = LazyTensors(path)
+        return t, t.metadata
+    return load_tensors(path)
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     import hashlib
 

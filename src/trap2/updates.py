@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from trap2.errors import UpdateFileError
-from trap2.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from trap2.io import atomic_dir, load_tensors, open_tensors, read_json, save_tensors, write_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -186,21 +186,43 @@ class Update:
         return _jsonable(cfg.to_dict())
 
 
-def load_update(path: str | os.PathLike[str]) -> Update:
-    """Load an update from a PEFT adapter folder, a trap2 dense folder, or a dense ``.safetensors``."""
+class _LazyDeltas(Mapping[str, "Delta"]):
+    """name -> Delta, built from lazily read tensors on access (streaming merges)."""
+
+    def __init__(self, names: list[str], build: Any) -> None:
+        self._names, self._build = names, build
+
+    def __getitem__(self, name: str) -> Delta:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._build(name)
+
+    def __iter__(self) -> Any:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def load_update(path: str | os.PathLike[str], lazy: bool = False) -> Update:
+    """Load an update from a PEFT adapter folder, a trap2 dense folder, or a dense ``.safetensors``.
+
+    ``lazy=True`` reads each tensor only when it is used (and checks it then), so a merge of many
+    updates holds a few tensors at a time.
+    """
     p = Path(path)
     if not p.exists():
         raise UpdateFileError(f"{p}: no such file or folder")
     if p.is_dir():
         if (p / ADAPTER_CONFIG).is_file():
-            return _load_peft(p)
+            return _load_peft(p, lazy)
         if (p / DENSE_WEIGHTS).is_file():
-            return _load_dense(p / DENSE_WEIGHTS)
+            return _load_dense(p / DENSE_WEIGHTS, lazy)
         raise UpdateFileError(
             f"{p}: neither a PEFT adapter ({ADAPTER_CONFIG}) nor a dense update ({DENSE_WEIGHTS})"
         )
     if p.suffix == ".safetensors":
-        return _load_dense(p)
+        return _load_dense(p, lazy)
     raise UpdateFileError(f"{p}: unsupported update file (want a PEFT adapter folder or a .safetensors file)")
 
 
@@ -219,19 +241,26 @@ def _meta_from(header: Mapping[str, str], where: Path) -> dict[str, Any]:
         raise UpdateFileError(f"{where}: the 'trap2' header metadata is not valid JSON") from None
 
 
-def _load_dense(path: Path) -> Update:
-    tensors, header = load_tensors(path)
-    if not tensors:
+def _load_dense(path: Path, lazy: bool = False) -> Update:
+    tensors, header = open_tensors(path, lazy=lazy)
+    if not len(tensors):
         raise UpdateFileError(f"{path}: holds no tensors")
-    for k, t in tensors.items():
+
+    def checked(k: str) -> torch.Tensor:
+        t = tensors[k]
         if not t.is_floating_point():
             raise UpdateFileError(
                 f"{path}: tensor {k!r} has dtype {t.dtype}, expected a floating-point delta"
             )
-    return Update(dict(tensors), _meta_from(header, path))
+        return t
+
+    deltas: Mapping[str, Delta] = (
+        _LazyDeltas(list(tensors), checked) if lazy else {k: checked(k) for k in tensors}
+    )
+    return Update(deltas, _meta_from(header, path))  # type: ignore[arg-type]
 
 
-def _load_peft(folder: Path) -> Update:
+def _load_peft(folder: Path, lazy: bool = False) -> Update:
     from peft.utils.other import get_pattern_key
 
     cfg = read_json(folder / ADAPTER_CONFIG)
@@ -244,31 +273,14 @@ def _load_peft(folder: Path) -> Update:
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise UpdateFileError(f"{folder}: missing {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
-    tensors, header = load_tensors(weights)
+    tensors, header = open_tensors(weights, lazy=lazy)
     r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
     rslora, fan = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
-    deltas: dict[str, Delta] = {}
     modules = sorted({k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")})
     if not modules:
         raise UpdateFileError(f"{weights}: no lora_A/lora_B tensors found")
-    for key in modules:
-        a, b = tensors.get(f"{key}.lora_A.weight"), tensors.get(f"{key}.lora_B.weight")
-        if b is None:
-            raise UpdateFileError(f"{weights}: {key}.lora_A.weight has no matching lora_B.weight")
-        if a.shape[0] != b.shape[1]:
-            raise UpdateFileError(f"{weights}: {key}: lora_A rank {a.shape[0]} != lora_B rank {b.shape[1]}")
-        name = key.removeprefix(PEFT_PREFIX)
-        r_m = int(rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), r))
-        a_m = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), alpha))
-        if r_m != a.shape[0]:
-            raise UpdateFileError(f"{weights}: {key}: config says rank {r_m}, tensors have rank {a.shape[0]}")
-        scaling = a_m / math.sqrt(r_m) if rslora else a_m / r_m
-        deltas[f"{name}.weight"] = LowRank(a, b, scaling, fan)
-        bias = tensors.get(f"{key}.lora_B.bias")
-        if bias is not None:
-            deltas[f"{name}.bias"] = bias * scaling
     unused = (
         set(tensors)
         - {f"{m}.lora_{x}.weight" for m in modules for x in "AB"}
@@ -279,6 +291,29 @@ def _load_peft(folder: Path) -> Update:
             f"{weights}: tensors outside LoRA branches are not supported (e.g. {sorted(unused)[0]!r}; "
             "modules_to_save would not be scaled with the update)"
         )
+    for key in modules:
+        if f"{key}.lora_B.weight" not in tensors:
+            raise UpdateFileError(f"{weights}: {key}.lora_A.weight has no matching lora_B.weight")
+
+    def scaling_of(name: str, rank: int, key: str) -> float:
+        r_m = int(rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), r))
+        a_m = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), alpha))
+        if r_m != rank:
+            raise UpdateFileError(f"{weights}: {key}: config says rank {r_m}, tensors have rank {rank}")
+        return a_m / math.sqrt(r_m) if rslora else a_m / r_m
+
+    def build(param: str) -> Delta:
+        name, kind = param.rsplit(".", 1)
+        key = PEFT_PREFIX + name
+        a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+        if a.shape[0] != b.shape[1]:
+            raise UpdateFileError(f"{weights}: {key}: lora_A rank {a.shape[0]} != lora_B rank {b.shape[1]}")
+        scaling = scaling_of(name, int(a.shape[0]), key)
+        return LowRank(a, b, scaling, fan) if kind == "weight" else tensors[f"{key}.lora_B.bias"] * scaling
+
+    names = [f"{m.removeprefix(PEFT_PREFIX)}.weight" for m in modules]
+    names += [f"{m.removeprefix(PEFT_PREFIX)}.bias" for m in modules if f"{m}.lora_B.bias" in tensors]
+    deltas: Mapping[str, Delta] = _LazyDeltas(names, build) if lazy else {n: build(n) for n in names}
     return Update(deltas, _meta_from(header, folder), cfg)
 
 

@@ -40,8 +40,10 @@ class EvalContext:
 
     suite: Suite
     normalisers: Mapping[str, float]
+    tasks: Sequence[str] | None = None  # default: every task of the suite
 
     def __post_init__(self) -> None:
+        self.tasks = list(self.tasks or self.suite.task_names)
         self.backbone = self.suite.make_backbone().eval()
         self.w0 = base_state(self.backbone)
         self.evaluations = 0
@@ -50,7 +52,7 @@ class EvalContext:
     def _stack(self, split: str) -> tuple[torch.Tensor, list[tuple[str, int, int]]]:
         """Every task's inputs in one batch (one forward per evaluation), with each task's slice."""
         xs, spans, start = [], [], 0
-        for t in self.suite.task_names:
+        for t in self.tasks:
             x = self.suite.task(t).split(split).x
             xs.append(x)
             spans.append((t, start, start + len(x)))

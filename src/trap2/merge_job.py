@@ -1,0 +1,135 @@
+"""``trap2 merge``: merge update files for one base and write the result.
+
+Inputs are read lazily (tensor by tensor from safetensors); the result is a PEFT adapter when every
+merged matrix is low-rank (KnOTS/Core spaces, or LoRA inputs merged that way) and a dense delta
+otherwise; ``merged_checkpoint`` also writes W0 + c·ΔW as a full safetensors state dict.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trap2.attacks.merge_attack import EvalContext
+from trap2.attacks.search import search_coefficient
+from trap2.errors import ConfigError, UpdateFileError
+from trap2.eval.evaluate import base_state
+from trap2.io import load_tensors, save_tensors
+from trap2.merging import merge_updates
+from trap2.suites import SUITES, get_suite
+from trap2.updates import LowRank, Update, apply_delta, load_update
+
+
+@dataclass
+class MergeResult:
+    update: Update
+    coefficient: float
+    search: dict[str, Any] | None
+    out: Path
+
+
+def load_base(base: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], str | None, str | None]:
+    """(W0 state, fingerprint, suite name) from a suite name or a checkpoint (.safetensors or its folder)."""
+    if isinstance(base, str) and base in SUITES:
+        suite = get_suite(base)
+        return dict(base_state(suite.make_backbone())), suite.fingerprint, suite.name
+    p = Path(base)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.exists():
+        raise ConfigError(
+            f"base {base!r} is neither a suite ({', '.join(SUITES.names())}) nor a checkpoint file"
+        )
+    tensors, _ = load_tensors(p)
+    return tensors, None, None
+
+
+def parse_hparams(items: Sequence[str]) -> dict[str, Any]:
+    """['k=20', 'scope=model'] -> {'k': 20.0, 'scope': 'model'} (numbers become numbers)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"hyperparameter {item!r} is not KEY=VALUE")
+        value: Any = raw
+        for conv in (int, float):
+            try:
+                value = conv(raw)
+                break
+            except ValueError:
+                continue
+        out[key] = float(value) if key in ("k", "p", "rho", "beta", "fraction") else value
+    return out
+
+
+def scale_update(update: Update, c: float) -> Update:
+    deltas = {
+        k: (LowRank(d.A, d.B, d.scaling * c, d.fan_in_fan_out) if isinstance(d, LowRank) else d * c)
+        for k, d in update.deltas.items()
+    }
+    return Update(deltas, {**update.meta, "coefficient": c})
+
+
+def merge_files(
+    paths: Sequence[str | os.PathLike[str]],
+    base: str | os.PathLike[str],
+    method: str,
+    space: str,
+    out: str | os.PathLike[str],
+    coefficient: float | None = None,
+    search_suite: str | None = None,
+    hparams: Mapping[str, Any] | None = None,
+    merged_checkpoint: bool = False,
+) -> MergeResult:
+    if coefficient is not None and search_suite is not None:
+        raise ConfigError("give either a coefficient or a suite to search it on, not both")
+    if not paths:
+        raise ConfigError("merge needs at least one update")
+    w0, fingerprint, base_suite = load_base(base)
+    updates = [load_update(p, lazy=True) for p in paths]
+    for p, u in zip(paths, updates, strict=True):
+        u.check_base(w0, fingerprint, where=str(p))
+    merged = merge_updates(updates, method, space, **dict(hparams or {}))
+    search = None
+    if search_suite is not None:
+        if base_suite != search_suite:
+            raise ConfigError(
+                f"--search {search_suite} needs --base {search_suite} (the suite's own backbone)"
+            )
+        suite = get_suite(search_suite)
+        tasks = [u.meta.get("task") for u in updates]
+        if None in tasks:
+            bad = paths[tasks.index(None)]
+            raise UpdateFileError(
+                f"{bad}: records no task, so its accuracy cannot be measured for the search"
+            )
+        ctx = EvalContext(suite, {}, tasks=list(dict.fromkeys(tasks)))
+        ctx.normalisers = {
+            t: ctx.accuracies(apply_delta(ctx.w0, u.dense()), "val")[t]
+            for t, u in zip(tasks, updates, strict=True)
+        }
+        dense = merged.dense()
+        found = search_coefficient(lambda c: ctx.val_score(ctx.params(dense, c)))
+        coefficient = found.coefficient
+        search = {
+            "suite": search_suite,
+            "val_score": found.score,
+            "points": len(found.tried),
+            "test_acc": ctx.test_accs(ctx.params(dense, coefficient)),
+        }
+    c = 1.0 if coefficient is None else float(coefficient)
+    result = scale_update(merged, c)
+    result.meta["inputs"] = [str(p) for p in paths]
+    if fingerprint:
+        result.meta["base_fingerprint"] = fingerprint
+    out = Path(out)
+    result.save(out)
+    if merged_checkpoint:
+        full = {**w0, **apply_delta(w0, result.dense(), 1.0)}
+        save_tensors(out / "model.safetensors", full, {"format": "pt"})
+    return MergeResult(result, c, search, out)

@@ -1,0 +1,198 @@
+import dataclasses
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from trap2.attacks import EvalContext, run_attack
+from trap2.attacks.peft_bridge import peft_weighted_merge
+from trap2.config import ObjectiveConfig, TrainConfig
+from trap2.errors import ConfigError, UpdateFileError
+from trap2.eval import accuracy
+from trap2.merge_job import merge_files
+from trap2.merging import merge_updates
+from trap2.suites.digits import load_backbone
+from trap2.training import train_update
+from trap2.updates import Update, apply_delta, load_update
+
+CFG = TrainConfig(steps=40, eval_every=40, warmup_steps=5)
+
+
+@pytest.fixture(scope="session")
+def pool(digits, tmp_path_factory):
+    """8 short plain LoRA updates and one Trap² update of rot90, saved as PEFT folders."""
+    root = tmp_path_factory.mktemp("pool")
+    paths = {}
+    for t in digits.task_names:
+        r = train_update(digits, t, dataclasses.replace(CFG, objective=ObjectiveConfig(name="none")))
+        paths[t] = r.update.save(root / t, peft_model=r.peft_model)
+    r = train_update(digits, "rot90", CFG)
+    paths["protected"] = r.update.save(root / "protected", peft_model=r.peft_model)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def ctx(digits, pool):
+    updates = {t: load_update(pool[t]) for t in digits.task_names}
+    c = EvalContext(digits, {})
+    c.normalisers = {t: c.accuracies(apply_delta(c.w0, u.dense()), "val")[t] for t, u in updates.items()}
+    c.updates = [updates[t] for t in digits.task_names]
+    return c
+
+
+def test_batched_evaluation_equals_per_task(ctx, digits):
+    params = apply_delta(ctx.w0, ctx.updates[0].dense(), 0.7)
+    batched = ctx.accuracies(params, "val")
+    for t in digits.task_names:
+        assert batched[t] == accuracy(ctx.backbone, digits.task(t), "val", params)
+
+
+def test_global_search_costs_one_evaluation_per_point(ctx):
+    rec = run_attack(ctx, ctx.updates, "ties", "full", "global")
+    tried_to = round(rec["coefficient"] / 0.1)
+    assert rec["evaluations"] <= tried_to + 10  # up to the best point, then the early-stop window
+
+
+def test_per_task_search_is_never_worse_than_global_on_validation(ctx):
+    g = run_attack(ctx, ctx.updates, "ta", "full", "global")
+    p = run_attack(ctx, ctx.updates, "ta", "full", "per_task")
+    assert p["val_score"] >= g["val_score"]
+    assert len(p["coefficients"]) == 8
+
+
+def test_pinned_keeps_the_protected_member_at_one(ctx):
+    rec = run_attack(ctx, ctx.updates, "ties", "full", "pinned", protected_index=0)
+    assert rec["coefficients"][0] == 1.0 and len(set(rec["coefficients"][1:])) == 1
+    with pytest.raises(ConfigError, match="pinned"):
+        run_attack(ctx, ctx.updates, "ta", "full", "pinned")
+
+
+def test_hparam_search_is_never_worse_than_defaults(ctx):
+    base = run_attack(ctx, ctx.updates, "cart", "full", "global")
+    tuned = run_attack(ctx, ctx.updates, "cart", "full", "global", hparam_search=True)
+    assert tuned["val_score"] >= base["val_score"]
+    assert tuned["hparams"]["rho"] in (0.04, 0.08, 0.16, 0.32)
+
+
+def test_peft_cat_is_exact_task_arithmetic_and_linear_is_not(digits, pool):
+    paths = [pool[t] for t in ("flip", "invert", "rot90")]
+    weights = [0.5, 0.3, 0.2]
+    ours = merge_updates([load_update(p) for p in paths], "ta", weights=weights).dense()
+    cat = peft_weighted_merge(load_backbone, paths, weights, "cat").dense()
+    linear = peft_weighted_merge(load_backbone, paths, weights, "linear").dense()
+    for k in ours:
+        torch.testing.assert_close(cat[k], ours[k], rtol=1e-4, atol=1e-6)
+    assert max(float((linear[k] - ours[k]).abs().max()) for k in ours) > 1e-3
+    svd = peft_weighted_merge(load_backbone, paths, weights, "svd", svd_rank=4)
+    assert all(d.rank == 4 for d in svd.deltas.values())
+    with pytest.raises(ConfigError, match="unknown PEFT combination_type"):
+        peft_weighted_merge(load_backbone, paths, weights, "slerp")
+
+
+def test_merge_job_outputs(tmp_path, pool, digits):
+    paths = [pool[t] for t in digits.task_names]
+    r = merge_files(paths, "digits", "ta", "core", tmp_path / "core", coefficient=0.3)
+    assert r.update.kind == "lora"  # low-rank result: written as a PEFT adapter
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = PeftModel.from_pretrained(load_backbone(), tmp_path / "core")
+    full = merge_files(
+        paths, "digits", "ta", "full", tmp_path / "full", coefficient=0.3, merged_checkpoint=True
+    )
+    x = digits.task("flip").val.x[:16]
+    expected = torch.func.functional_call(
+        load_backbone(), apply_delta(dict(load_backbone().named_parameters()), full.update.dense()), (x,)
+    )
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    ckpt = load_backbone()
+    ckpt.load_state_dict(
+        dict(__import__("safetensors.torch").torch.load_file(tmp_path / "full" / "model.safetensors"))
+    )
+    torch.testing.assert_close(ckpt(x), expected, rtol=1e-4, atol=1e-5)
+    searched = merge_files(paths, "digits", "ties", "knots", tmp_path / "s", search_suite="digits")
+    assert searched.search["points"] >= 11 and 0 < searched.search["test_acc"]["mean"] <= 1
+
+
+def test_lazy_and_eager_merges_agree(pool, digits):
+    paths = [pool[t] for t in digits.task_names]
+    eager = merge_updates([load_update(p) for p in paths], "dare_ties", "knots", p=0.3, k=50.0).dense()
+    lazy = merge_updates(
+        [load_update(p, lazy=True) for p in paths], "dare_ties", "knots", p=0.3, k=50.0
+    ).dense()
+    for k in eager:
+        assert torch.equal(eager[k], lazy[k])
+
+
+def test_merge_refuses_bad_inputs_and_writes_nothing(tmp_path, pool):
+    wrong_shape = tmp_path / "wrong"
+    Update({"blocks.0.fc1.weight": torch.zeros(3, 3)}).save(wrong_shape)
+    other_base = tmp_path / "other"
+    Update({"blocks.0.fc1.weight": torch.zeros(128, 64)}, {"base_fingerprint": "0" * 64}).save(other_base)
+    cases = [
+        ([pool["flip"], wrong_shape], {}, UpdateFileError, "shape"),
+        ([pool["flip"], other_base], {}, UpdateFileError, "made for base"),
+        ([pool["flip"]], {"method": "slerp"}, Exception, "unknown merge method 'slerp'"),
+        ([pool["flip"]], {"space": "tucker"}, Exception, "unknown merge space 'tucker'"),
+        ([pool["flip"]], {"method": "dare", "hparams": {"p": 1.0}}, ConfigError, r"p=1.0 is out of range"),
+        (
+            [pool["flip"], pool["invert"]],
+            {"coefficient": 1.0, "search_suite": "digits"},
+            ConfigError,
+            "either",
+        ),
+        ([wrong_shape], {"search_suite": "digits"}, UpdateFileError, "shape"),
+    ]
+    for paths, kw, exc, msg in cases:
+        args = {"method": "ta", "space": "full", **kw}
+        with pytest.raises(exc, match=msg):
+            merge_files(paths, "digits", args.pop("method"), args.pop("space"), tmp_path / "out", **args)
+        assert not (tmp_path / "out").exists()
+
+
+def test_merge_cli(tmp_path, pool):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trap2.cli",
+            "merge",
+            str(pool["flip"]),
+            str(pool["invert"]),
+            "--base",
+            "digits",
+            "--method",
+            "ties",
+            "--hparam",
+            "k=50",
+            "--out",
+            str(tmp_path / "m"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert load_update(tmp_path / "m").meta["merge"]["hparams"]["k"] == 50.0
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trap2.cli",
+            "merge",
+            str(pool["flip"]),
+            "--base",
+            "digits",
+            "--method",
+            "ties",
+            "--hparam",
+            "k=0",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "k=0.0 is out of range" in bad.stderr and not (tmp_path / "bad").exists()
