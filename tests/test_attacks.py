@@ -15,7 +15,7 @@ from trap2.merge_job import merge_files
 from trap2.merging import merge_updates
 from trap2.suites.digits import load_backbone
 from trap2.training import train_update
-from trap2.updates import Update, apply_delta, load_update
+from trap2.updates import LowRank, Update, apply_delta, load_update
 
 CFG = TrainConfig(steps=40, eval_every=40, warmup_steps=5)
 
@@ -196,3 +196,20 @@ def test_merge_cli(tmp_path, pool):
         text=True,
     )
     assert bad.returncode == 2 and "k=0.0 is out of range" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_mixed_lora_and_dense_inputs(tmp_path, pool):
+    lora = load_update(pool["flip"])
+    dense_path = tmp_path / "dense"
+    Update({k: 0.01 * torch.ones_like(v) for k, v in lora.dense().items()}).save(dense_path)
+    r = merge_files([pool["flip"], dense_path], "digits", "ta", "full", tmp_path / "out", coefficient=2.0)
+    assert r.update.kind == "dense"
+    for k, v in lora.dense().items():
+        torch.testing.assert_close(r.update.dense()[k], 2.0 * (v + 0.01), rtol=1e-5, atol=1e-6)
+    # LoRA inputs of different ranks, task arithmetic in full space: concatenated, still an adapter
+    ups = [load_update(pool["flip"]), load_update(pool["invert"])]
+    cat = merge_updates(ups, "ta")
+    d = next(iter(cat.deltas.values()))
+    assert isinstance(d, LowRank) and d.rank == 16
+    for k, v in merge_updates(ups, "ta", "knots").dense().items():
+        torch.testing.assert_close(cat.dense()[k], v, rtol=1e-4, atol=1e-5)

@@ -8,7 +8,8 @@
   the stacked B's and of the stacked A's; each task becomes a small core M_i = U_Bᵀ·B_i·A_i·V_A; the
   method merges the cores and the result is U_B·M·V_Aᵀ.
 
-Task arithmetic gives the same result in every space (the bases span every member exactly). Tensors
+Task arithmetic gives the same result in every space (the bases span every member exactly); in full
+space it concatenates LoRA factors, so TA of adapters is again an adapter (rank Σ r_i). Tensors
 that are not matrices (biases, norms) are merged in full space. KnOTS and Core return low-rank deltas,
 so a merge of LoRA adapters in those spaces is written back as a LoRA adapter.
 """
@@ -52,7 +53,16 @@ def _as_low_rank(b: torch.Tensor, a: torch.Tensor, like: torch.Tensor) -> Delta:
 
 
 def merge_full(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]) -> Delta:
+    if method.name == "ta" and _concatenable(members):
+        # task arithmetic of LoRA branches is their concatenation: exact, and still a LoRA adapter
+        a = torch.cat([d.A.to(torch.float32) * d.scaling for d in members], dim=0)  # (Σr, in[, kh, kw])
+        b = torch.cat([d.B.to(torch.float32) for d in members], dim=1)  # (out, Σr[, 1, 1])
+        return LowRank(a, b, 1.0, members[0].fan_in_fan_out)
     return method([_dense(d) for d in members], **hp)
+
+
+def _concatenable(members: Sequence[Delta]) -> bool:
+    return all(isinstance(d, LowRank) for d in members) and len({d.fan_in_fan_out for d in members}) == 1
 
 
 def merge_knots(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]) -> Delta:

@@ -1,0 +1,168 @@
+"""Coefficient-search overhead and merge cost vs mergekit, measured side by side in one run.
+
+Run:  python benchmarks/search.py [--layers 16] [--dim 768] [--threads 1]
+
+1. The paper's 99-point global search on the digits suite (8 updates, TIES in full space) against 99 ×
+   one evaluation: the merged delta is computed once, so the ratio should stay near 1 (goal ≤ 1.2).
+2. The same 8-update TIES merge by trap2 (inputs streamed tensor by tensor from safetensors) and by
+   mergekit's in-process ``merge_state_dicts`` (base and every fine-tuned checkpoint in memory), each in
+   its own process: wall time and peak RSS, printed as ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+T = 8
+
+
+def search_overhead(repeats: int) -> tuple[float, float, float]:
+    from trap2.attacks import EvalContext, search_coefficient
+    from trap2.merging import merge_updates
+    from trap2.suites import get_suite
+    from trap2.updates import Update
+
+    suite = get_suite("digits")
+    ctx = EvalContext(suite, {t: 1.0 for t in suite.task_names})
+    g = torch.Generator().manual_seed(0)
+    pool = [
+        Update({n: 0.01 * torch.randn(p.shape, generator=g) for n, p in ctx.w0.items()}) for _ in range(T)
+    ]
+    merged = merge_updates(pool, "ties").dense()
+    for _ in range(3):  # warm-up
+        ctx.val_score(ctx.params(merged, 0.5))
+    one = []
+    for _ in range(repeats * 10):
+        t0 = time.perf_counter()
+        ctx.val_score(ctx.params(merged, 0.5))
+        one.append(time.perf_counter() - t0)
+    full = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        merged = merge_updates(pool, "ties").dense()
+        search_coefficient(lambda c, m=merged: ctx.val_score(ctx.params(m, c)), patience=None)
+        full.append(time.perf_counter() - t0)
+    t_one, t_search = statistics.median(one), statistics.median(full)
+    return t_one, t_search, t_search / (99 * t_one)
+
+
+def _job(kind: str, folder: Path) -> None:
+    """Child process: run one merge, print its wall time."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    paths = sorted(folder.glob("u*.safetensors"))
+    if kind == "baseline":  # imports and the base only: what both jobs pay anyway
+        from safetensors.torch import load_file
+
+        import trap2.merging  # noqa: F401
+
+        load_file(folder / "base.safetensors")
+        print(0.0)
+        return
+    t0 = time.perf_counter()
+    if kind == "trap2":
+        from safetensors.torch import load_file
+
+        from trap2.merging import merge_updates
+        from trap2.updates import load_update
+
+        base = load_file(folder / "base.safetensors")
+        merged = merge_updates([load_update(p, lazy=True) for p in paths], "ties", k=20.0)
+        out = {n: base[n] + d for n, d in merged.dense().items()}
+    else:
+        from mergekit.merge_methods import merge_state_dicts
+        from safetensors.torch import load_file
+
+        base = load_file(folder / "base.safetensors")
+        models = {"base": base}
+        for i, p in enumerate(paths):
+            d = load_file(p)
+            models[f"m{i}"] = {n: base[n] + d[n] for n in base}
+            del d
+        params = {
+            "weight": {f"m{i}": 1.0 for i in range(len(paths))},
+            "density": {f"m{i}": 0.2 for i in range(len(paths))},
+        }
+        out = merge_state_dicts(models, "ties", parameters=params, base="base")
+    assert len(out) == len(base)
+    print(time.perf_counter() - t0)
+
+
+def _run_child(kind: str, folder: Path, threads: int) -> tuple[float, float]:
+    env = {**os.environ, "BENCH_THREADS": str(threads)}
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import search; search._job({kind!r}, __import__('pathlib').Path({str(folder)!r}))"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak_kib <= before:  # ru_maxrss of children is the max over all: run the biggest last
+        peak_kib = before
+    return float(r.stdout.strip().splitlines()[-1]), peak_kib / 1024
+
+
+def merge_vs_mergekit(layers: int, dim: int, threads: int) -> dict[str, tuple[float, float]]:
+    from trap2.io import save_tensors
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        g = torch.Generator().manual_seed(0)
+        shapes = {f"layers.{i}.{n}.weight": (dim, dim) for i in range(layers) for n in ("q", "k", "v", "o")}
+        save_tensors(folder / "base.safetensors", {n: torch.randn(s, generator=g) for n, s in shapes.items()})
+        for t in range(T):
+            save_tensors(
+                folder / f"u{t}.safetensors",
+                {n: 0.01 * torch.randn(s, generator=g) for n, s in shapes.items()},
+            )
+        # peak RSS of children only grows: measure from the smallest job to the largest
+        return {kind: _run_child(kind, folder, threads) for kind in ("baseline", "trap2", "mergekit")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    t_one, t_search, ratio = search_overhead(args.repeats)
+    print("1. coefficient search, digits suite, 8 updates, TIES (median of repeats)")
+    print(f"   one evaluation (8 tasks, validation)   {1000 * t_one:8.1f} ms")
+    print(f"   merge once + 99-point search           {1000 * t_search:8.1f} ms")
+    print(f"   ratio to 99 × one evaluation           {ratio:8.3f}   (goal ≤ 1.2)")
+
+    try:
+        import mergekit  # noqa: F401
+    except ImportError:
+        print("2. mergekit is not installed (pip install 'trap2[mergekit]'): merge comparison skipped")
+        return
+    n = args.layers * 4 * args.dim * args.dim
+    res = merge_vs_mergekit(args.layers, args.dim, args.threads)
+    base_mib = res["baseline"][1]
+    print(
+        f"2. TIES merge of {T} dense updates, {n / 1e6:.1f} M parameters each ({4 * n / 2**20:.0f} MiB in fp32)"
+    )
+    for kind in ("trap2", "mergekit"):
+        t, peak = res[kind]
+        print(
+            f"   {kind:9} wall {t:7.2f} s   peak RSS {peak:7.0f} MiB   (above imports + base: {peak - base_mib:6.0f} MiB)"
+        )
+    (t2, p2), (tm, pm) = res["trap2"], res["mergekit"]
+    print(
+        f"   ratio trap2 / mergekit: time {t2 / tm:.2f}, peak memory above baseline {(p2 - base_mib) / max(pm - base_mib, 1):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
