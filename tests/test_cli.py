@@ -66,8 +66,13 @@ def test_train_command_writes_a_peft_adapter(tmp_path):
 
 def test_listings():
     r = cli("methods", "--json")
-    names = [m["name"] for m in json.loads(r.stdout)]
-    assert {"ta", "ties"} <= set(names)
+    listing = json.loads(r.stdout)
+    names = {m["name"] for m in listing["methods"]}
+    assert names == {"ta", "ties", "dare", "dare_ties", "tsv", "cart"}
+    assert listing["spaces"] == ["core", "full", "knots"]
+    ties = next(m for m in listing["methods"] if m["name"] == "ties")
+    assert ties["hparams"]["k"]["grid"][0] == 100 and "thresholds" not in ties["hparams"]
+    assert "arXiv" in ties["reference"]
     assert "trap2" in cli("objectives").stdout
 
 

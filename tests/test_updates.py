@@ -44,17 +44,22 @@ def test_peft_adapter_round_trip(tmp_path, kw):
     # stock PEFT loads it with no warning and computes the same function
     cfg = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
     assert not any("trap2" in k or k == "protection" for k in cfg)
+    _assert_peft_loads_the_same(tmp_path / "a", model)
+    with safe_open(str(tmp_path / "a" / ADAPTER_WEIGHTS), "pt") as f:
+        assert json.loads(f.metadata()["trap2"])["protection"] == {"lam": 0.1}
+    assert json.loads((tmp_path / "a" / SIDECAR).read_text())["kind"] == "lora"
+
+
+def _assert_peft_loads_the_same(folder, model):
+    """Stock PEFT loads the folder onto a fresh base with no warning and computes the same function."""
     torch.manual_seed(1)
     base = TinyNet()
     _copy_base(base, model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loaded = PeftModel.from_pretrained(base, tmp_path / "a")
+        loaded = PeftModel.from_pretrained(base, folder)
     x = torch.randn(5, 6)
     torch.testing.assert_close(loaded(x), model(x))
-    with safe_open(str(tmp_path / "a" / ADAPTER_WEIGHTS), "pt") as f:
-        assert json.loads(f.metadata()["trap2"])["protection"] == {"lam": 0.1}
-    assert json.loads((tmp_path / "a" / SIDECAR).read_text())["kind"] == "lora"
 
 
 def _copy_base(base, peft_model):
@@ -71,14 +76,7 @@ def test_writer_without_a_model_makes_an_adapter_peft_loads(tmp_path, kw):
     model = _trained_lora(**kw)
     upd = Update.from_peft_model(model)
     upd.save(tmp_path / "b")  # written by trap2 itself (as merges will), not by PEFT
-    torch.manual_seed(1)
-    base = TinyNet()
-    _copy_base(base, model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        loaded = PeftModel.from_pretrained(base, tmp_path / "b")
-    x = torch.randn(5, 6)
-    torch.testing.assert_close(loaded(x), model(x))
+    _assert_peft_loads_the_same(tmp_path / "b", model)
     for k, v in load_update(tmp_path / "b").dense().items():
         torch.testing.assert_close(v, upd.dense()[k])
 

@@ -23,7 +23,8 @@ MODES = ("lora", "full")
 SELECTIONS = ("last", "best")
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+def help_field(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A dataclass field carrying its help text (for the CLI and the docs)."""
     if default is dataclasses.MISSING and "default_factory" not in kw:
         return field(metadata={"help": text}, **kw)
     return field(default=default, metadata={"help": text}, **kw)
@@ -33,14 +34,16 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 class ObjectiveConfig:
     """Which training objective to use, and the Trap² knobs (ignored by ``none``)."""
 
-    name: str = _help("registered objective: 'none' (plain fine-tuning) or 'trap2'", "trap2")
-    lam: float = _help("λ, weight of the off-nominal term (depends on the loss scale; 0.1 on digits)", 0.1)
-    s_min: float = _help("smallest sampled scale s (> 0)", 0.05)
-    s_max: float = _help("largest sampled scale s", 2.0)
-    delta: float = _help("half-width δ of the excluded band (1-δ, 1+δ) around the nominal scale", 0.05)
-    weight: str = _help("w(s): 'inv' = 1/s (vision), 'inv_sqrt' = 1/√s (LLM), 'none' = 1", "inv")
-    n_samples: int = _help("number of scales s drawn per step (the paper uses 1)", 1)
-    bound: float | None = _help(
+    name: str = help_field("registered objective: 'none' (plain fine-tuning) or 'trap2'", "trap2")
+    lam: float = help_field(
+        "λ, weight of the off-nominal term (depends on the loss scale; 0.1 on digits)", 0.1
+    )
+    s_min: float = help_field("smallest sampled scale s (> 0)", 0.05)
+    s_max: float = help_field("largest sampled scale s", 2.0)
+    delta: float = help_field("half-width δ of the excluded band (1-δ, 1+δ) around the nominal scale", 0.05)
+    weight: str = help_field("w(s): 'inv' = 1/s (vision), 'inv_sqrt' = 1/√s (LLM), 'none' = 1", "inv")
+    n_samples: int = help_field("number of scales s drawn per step (the paper uses 1)", 1)
+    bound: float | None = help_field(
         "optional soft cap τ on the off-nominal loss: τ·tanh(L/τ) bounds −λ·w·L below; null = no cap", None
     )
 
@@ -72,16 +75,18 @@ class ObjectiveConfig:
 class LoraSettings:
     """The LoRA adapter trained in ``mode='lora'`` (passed to PEFT's ``LoraConfig``)."""
 
-    r: int = _help("LoRA rank", 8)
-    alpha: float = _help("LoRA α (PEFT scaling α/r, or α/√r with rsLoRA)", 8.0)
-    dropout: float = _help("dropout on the LoRA branch input", 0.0)
-    target_modules: tuple[str, ...] | None = _help("module names to adapt; null = the suite's default", None)
-    use_rslora: bool = _help("rank-stabilised scaling α/√r", False)
-    use_dora: bool = _help("DoRA is not a linear rescaling of ΔW and is rejected", False)
-    rank_pattern: dict[str, int] = _help(
+    r: int = help_field("LoRA rank", 8)
+    alpha: float = help_field("LoRA α (PEFT scaling α/r, or α/√r with rsLoRA)", 8.0)
+    dropout: float = help_field("dropout on the LoRA branch input", 0.0)
+    target_modules: tuple[str, ...] | None = help_field(
+        "module names to adapt; null = the suite's default", None
+    )
+    use_rslora: bool = help_field("rank-stabilised scaling α/√r", False)
+    use_dora: bool = help_field("DoRA is not a linear rescaling of ΔW and is rejected", False)
+    rank_pattern: dict[str, int] = help_field(
         "per-module rank overrides (PEFT rank_pattern)", default_factory=dict
     )
-    alpha_pattern: dict[str, float] = _help(
+    alpha_pattern: dict[str, float] = help_field(
         "per-module α overrides (PEFT alpha_pattern)", default_factory=dict
     )
 
@@ -108,24 +113,26 @@ class LoraSettings:
 class TrainConfig:
     """One fine-tuning run: the same optimiser, schedule and clipping for every objective."""
 
-    mode: str = _help("'lora' (PEFT adapter) or 'full' (every trainable backbone parameter)", "lora")
-    objective: ObjectiveConfig = _help("training objective", default_factory=ObjectiveConfig)
-    lora: LoraSettings = _help("LoRA settings (mode='lora')", default_factory=LoraSettings)
-    steps: int = _help("optimizer steps", 600)
-    batch_size: int = _help("mini-batch size", 64)
-    lr: float | None = _help("peak learning rate; null = 5e-3 for LoRA, 1e-3 for full", None)
-    warmup_steps: int = _help("linear warm-up steps before the cosine decay", 50)
-    weight_decay: float = _help("AdamW weight decay", 0.0)
-    betas: tuple[float, float] = _help("AdamW betas", (0.9, 0.98))
-    eps: float = _help("AdamW epsilon", 1e-6)
-    grad_clip: float | None = _help("gradient-norm clipping; null = off", 1.0)
-    eval_every: int = _help("validate every N steps (for 'best' selection and the log)", 100)
-    select: str = _help("released checkpoint: 'last' step, or 'best' standalone validation accuracy", "last")
-    max_nonfinite_in_row: int = _help(
+    mode: str = help_field("'lora' (PEFT adapter) or 'full' (every trainable backbone parameter)", "lora")
+    objective: ObjectiveConfig = help_field("training objective", default_factory=ObjectiveConfig)
+    lora: LoraSettings = help_field("LoRA settings (mode='lora')", default_factory=LoraSettings)
+    steps: int = help_field("optimizer steps", 600)
+    batch_size: int = help_field("mini-batch size", 64)
+    lr: float | None = help_field("peak learning rate; null = 5e-3 for LoRA, 1e-3 for full", None)
+    warmup_steps: int = help_field("linear warm-up steps before the cosine decay", 50)
+    weight_decay: float = help_field("AdamW weight decay", 0.0)
+    betas: tuple[float, float] = help_field("AdamW betas", (0.9, 0.98))
+    eps: float = help_field("AdamW epsilon", 1e-6)
+    grad_clip: float | None = help_field("gradient-norm clipping; null = off", 1.0)
+    eval_every: int = help_field("validate every N steps (for 'best' selection and the log)", 100)
+    select: str = help_field(
+        "released checkpoint: 'last' step, or 'best' standalone validation accuracy", "last"
+    )
+    max_nonfinite_in_row: int = help_field(
         "stop with an error after this many skipped non-finite steps in a row", 20
     )
-    seed: int = _help("random seed (data order, LoRA init, sampled scales)", 0)
-    device: str = _help("'cpu', 'cuda', 'cuda:N' or 'auto'", "cpu")
+    seed: int = help_field("random seed (data order, LoRA init, sampled scales)", 0)
+    device: str = help_field("'cpu', 'cuda', 'cuda:N' or 'auto'", "cpu")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trap2.attacks import SEARCHES, EvalContext, attack_matrix
-from trap2.config import ObjectiveConfig, TrainConfig, config_hash, to_dict
+from trap2.config import ObjectiveConfig, TrainConfig, config_hash, help_field, to_dict
 from trap2.errors import ConfigError
 from trap2.eval.evaluate import accuracy, base_state, scaling_curve
 from trap2.eval.report import write_report
@@ -31,29 +31,27 @@ from trap2.updates import Update, apply_delta, load_update
 CURVE_SCALES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
 
 
-def _h(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    if default is dataclasses.MISSING:
-        return field(metadata={"help": text}, **kw)
-    return field(default=default, metadata={"help": text}, **kw)
-
-
 @dataclass(frozen=True)
 class DemoConfig:
-    suite: str = _h("registered suite", "digits")
-    target: str | None = _h("task whose update is protected; null = the suite's default", None)
-    train: TrainConfig = _h(
+    suite: str = help_field("registered suite", "digits")
+    target: str | None = help_field("task whose update is protected; null = the suite's default", None)
+    train: TrainConfig = help_field(
         "training settings shared by every run; the protected run uses train.objective",
         default_factory=lambda: TrainConfig(objective=ObjectiveConfig(name="trap2")),
     )
-    methods: tuple[str, ...] = _h("merge methods to attack with", ("ta", "ties", "dare_ties", "tsv", "cart"))
-    spaces: tuple[str, ...] = _h(
+    methods: tuple[str, ...] = help_field(
+        "merge methods to attack with", ("ta", "ties", "dare_ties", "tsv", "cart")
+    )
+    spaces: tuple[str, ...] = help_field(
         "merge spaces (task arithmetic is the same in all: run in full only)", ("full", "knots", "core")
     )
-    extra_searches: tuple[str, ...] = _h(
+    extra_searches: tuple[str, ...] = help_field(
         "searches run for task arithmetic besides the global one", ("per_task", "pinned")
     )
-    hparam_search: bool = _h("also search each method's hyperparameters coordinate-wise (slower)", False)
-    scales: tuple[float, ...] = _h("scales s of the scaling curve", CURVE_SCALES)
+    hparam_search: bool = help_field(
+        "also search each method's hyperparameters coordinate-wise (slower)", False
+    )
+    scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
 
     def __post_init__(self) -> None:
         if self.train.objective.name == "none":

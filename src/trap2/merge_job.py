@@ -20,9 +20,9 @@ from trap2.attacks.search import search_coefficient
 from trap2.errors import ConfigError, UpdateFileError
 from trap2.eval.evaluate import base_state
 from trap2.io import load_tensors, save_tensors
-from trap2.merging import merge_updates
+from trap2.merging import merge_updates, scale_delta
 from trap2.suites import SUITES, get_suite
-from trap2.updates import LowRank, Update, apply_delta, load_update
+from trap2.updates import Update, apply_delta, load_update
 
 
 @dataclass
@@ -68,11 +68,7 @@ def parse_hparams(items: Sequence[str]) -> dict[str, Any]:
 
 
 def scale_update(update: Update, c: float) -> Update:
-    deltas = {
-        k: (LowRank(d.A, d.B, d.scaling * c, d.fan_in_fan_out) if isinstance(d, LowRank) else d * c)
-        for k, d in update.deltas.items()
-    }
-    return Update(deltas, {**update.meta, "coefficient": c})
+    return Update({k: scale_delta(d, c) for k, d in update.deltas.items()}, {**update.meta, "coefficient": c})
 
 
 def merge_files(

@@ -33,7 +33,8 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") >> 1
 
 
-def _scaled(d: Delta, c: float) -> Delta:
+def scale_delta(d: Delta, c: float) -> Delta:
+    """c·ΔW, keeping a LoRA branch low-rank (its scaling absorbs c)."""
     if c == 1.0:
         return d
     return LowRank(d.A, d.B, d.scaling * c, d.fan_in_fan_out) if isinstance(d, LowRank) else d * c
@@ -69,7 +70,7 @@ def merge_updates(
     out: dict[str, Delta] = {}
     for name in names:
         idx = [i for i, u in enumerate(ups) if name in u.deltas]
-        members = [_scaled(ups[i].deltas[name], 1.0 if weights is None else weights[i]) for i in idx]
+        members = [scale_delta(ups[i].deltas[name], 1.0 if weights is None else weights[i]) for i in idx]
         shapes = {tuple(_shape(d)) for d in members}
         if len(shapes) != 1:
             raise ConfigError(f"tensor {name!r} has different shapes across updates: {sorted(shapes)}")
@@ -114,5 +115,6 @@ __all__ = [
     "merge_deltas",
     "merge_method",
     "merge_updates",
+    "scale_delta",
     "tensor_seed",
 ]
