@@ -1,8 +1,8 @@
 """Evaluate a model at W0 + s·ΔW while training ΔW.
 
 - LoRA: every PEFT ``LoraLayer`` computes ``base(x) + B(A(dropout(x))) · scaling``; multiplying each
-  layer's own ``scaling`` by s gives exactly W0 + s·ΔW whatever the α/r, rsLoRA α/√r, ``rank_pattern``
-  or ``alpha_pattern`` (PEFT's ``set_scale`` recomputes α/r and would be wrong under patterns).
+  layer's own ``scaling`` by s gives exactly W0 + s·ΔW whatever PEFT computed it from (α/r, rsLoRA α/√r,
+  ``rank_pattern``, ``alpha_pattern``), and the saved value is put back exactly afterwards.
 - Full fine-tuning: W0 is kept once (a detached copy made when training starts); the off-nominal forward
   is a ``functional_call`` with W0 + s·(W − W0) for every trainable parameter, so gradients reach W with
   the factor s and no model copy is made per step.

@@ -52,18 +52,9 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 def same_random_draws(device: torch.device) -> Iterator[Callable[[], None]]:
     """Yield ``replay()``, which rewinds the RNG to where it was on entry (same dropout masks).
 
-    The first pass inside the block is the nominal one; on exit the RNG is left where that pass left
-    it, so the extra passes do not shift the random stream of later steps: a protected run draws the
-    same dropout masks as the plain run it is compared with.
+    Every pass inside the block draws the same numbers from the same start, so the RNG leaves the
+    block where one pass leaves it: a protected run draws the same dropout masks, step after step, as
+    the plain run it is compared with.
     """
     entry = _rng_state(device)
-    after_first: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-
-    def replay() -> None:
-        if not after_first:
-            after_first.append(_rng_state(device))
-        _set_rng_state(entry, device)
-
-    yield replay
-    if after_first:
-        _set_rng_state(after_first[0], device)
+    yield lambda: _set_rng_state(entry, device)
