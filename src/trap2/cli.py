@@ -12,6 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any  # noqa: E402
@@ -75,6 +76,10 @@ def train(
     bound: Annotated[float | None, typer.Option(help="soft cap τ on the off-nominal loss")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="save the training state every N steps to OUT.checkpoint")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT.checkpoint")] = False,
     config: ConfigOpt = None,
     threads: Threads = 0,
 ) -> None:
@@ -106,10 +111,12 @@ def train(
         bound=bound,
         seed=seed,
         device=device,
+        checkpoint_every=checkpoint_every,
     )
     st = get_suite(suite or raw.get("suite", "digits"))
     task_name = task or raw.get("task") or st.default_target
     st.task(task_name)
+    ckpt = out.with_name(out.name + ".checkpoint")
     result = train_update(
         st,
         task_name,
@@ -117,8 +124,12 @@ def train(
         lambda step, row: typer.echo(
             f"step {step:>5}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")
         ),
+        checkpoint_dir=ckpt if (cfg.checkpoint_every or resume) else None,
+        resume=resume,
     )
+
     result.update.save(out, peft_model=result.peft_model)
+    shutil.rmtree(ckpt, ignore_errors=True)  # the finished update replaces the checkpoint
     backbone = st.make_backbone()
     w0, d = base_state(backbone), result.update.dense()
     test = accuracy(backbone, st.task(task_name), "test", apply_delta(w0, d, 1.0))

@@ -128,6 +128,9 @@ class TrainConfig:
     select: str = help_field(
         "released checkpoint: 'last' step, or 'best' standalone validation accuracy", "last"
     )
+    checkpoint_every: int | None = help_field(
+        "save the full training state every N steps (for --resume); null = never", None
+    )
     max_nonfinite_in_row: int = help_field(
         "stop with an error after this many skipped non-finite steps in a row", 20
     )
@@ -141,6 +144,14 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.checkpoint_every is not None and (
+            not isinstance(self.checkpoint_every, int)
+            or isinstance(self.checkpoint_every, bool)
+            or self.checkpoint_every < 1
+        ):
+            raise ConfigError(
+                f"checkpoint_every must be null or an integer >= 1, got {self.checkpoint_every!r}"
+            )
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -7,6 +7,7 @@ is renamed over it only once complete, so a crash leaves either the old file or 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -87,15 +88,66 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise UpdateFileError(f"{p}: not valid JSON ({e})") from None
 
 
+DIGESTS = "trap2.digests"  # header key: {tensor name: blake2b of its bytes}, checked on every load
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
 def save_tensors(
     path: str | os.PathLike[str],
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Save tensors as safetensors, atomically; metadata values must be strings (the format's rule)."""
+    """Save tensors as safetensors, atomically, with a per-tensor digest in the header.
+
+    safetensors has no checksum of its own: a flipped byte in the data would load as a wrong value.
+    Metadata values must be strings (the format's rule).
+    """
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = dict(metadata or {})
+    meta[DIGESTS] = json.dumps({k: tensor_digest(v) for k, v in flat.items()}, sort_keys=True)
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata=dict(metadata) if metadata else None)
+        save_file(flat, str(tmp), metadata=meta)
+        _canonical_header(tmp)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite the JSON header with sorted keys (same length, same offsets): safetensors writes its
+    metadata map in no fixed order, so without this two saves of the same tensors differ in bytes."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n)
+        canonical = json.dumps(json.loads(header), separators=(",", ":"), sort_keys=True).encode()
+        if len(canonical) <= n:
+            f.seek(8)
+            f.write(canonical.ljust(n, b" "))
+
+
+def _verify(
+    path: Path, key: str, t: torch.Tensor, digests: Mapping[str, str] | None, check_finite: bool
+) -> None:
+    if digests is not None and key in digests and tensor_digest(t) != digests[key]:
+        raise UpdateFileError(
+            f"{path}: tensor {key!r} does not match its recorded digest (the file is corrupted)"
+        )
+    if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise UpdateFileError(f"{path}: tensor {key!r} contains NaN or Inf")
+
+
+def _digests(path: Path, metadata: Mapping[str, str]) -> dict[str, str] | None:
+    raw = metadata.get(DIGESTS)
+    if raw is None:
+        return None  # a file trap2 did not write: nothing to check against
+    try:
+        digests = json.loads(raw)
+    except json.JSONDecodeError:
+        raise UpdateFileError(f"{path}: the {DIGESTS!r} header entry is not valid JSON") from None
+    if not isinstance(digests, dict):
+        raise UpdateFileError(f"{path}: the {DIGESTS!r} header entry is not a mapping")
+    return digests
 
 
 def load_tensors(
@@ -118,10 +170,11 @@ def load_tensors(
                 tensors[key] = f.get_tensor(key)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise UpdateFileError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    if check_finite:
-        for key, t in tensors.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise UpdateFileError(f"{p}: tensor {key!r} contains NaN or Inf")
+    digests = _digests(p, metadata)
+    for key, t in tensors.items():
+        _verify(p, key, t, digests, check_finite)
+    if digests is not None and set(digests) != set(tensors):
+        raise UpdateFileError(f"{p}: the tensors do not match the recorded list (the file was altered)")
     return tensors, metadata
 
 
@@ -134,9 +187,12 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def __init__(self, path: str | os.PathLike[str], check_finite: bool = True) -> None:
         self.path = Path(path)
         self.check_finite = check_finite
-        _, self.metadata = _header(self.path)
-        with safe_open(str(self.path), framework="pt") as f:
-            self._keys = list(f.keys())  # noqa: SIM118
+        self._keys, self.metadata = _header(self.path)
+        self._digests = _digests(self.path, self.metadata)
+        if self._digests is not None and set(self._digests) != set(self._keys):
+            raise UpdateFileError(
+                f"{self.path}: the tensors do not match the recorded list (the file was altered)"
+            )
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
@@ -148,8 +204,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             raise UpdateFileError(
                 f"{self.path}: tensor {key!r} is unreadable ({str(e).splitlines()[0]})"
             ) from None
-        if self.check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise UpdateFileError(f"{self.path}: tensor {key!r} contains NaN or Inf")
+        _verify(self.path, key, t, self._digests, self.check_finite)
         return t
 
     def __iter__(self) -> Iterator[str]:
@@ -182,8 +237,6 @@ def open_tensors(
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -30,6 +30,7 @@ from trap2.io import atomic_dir, load_tensors, open_tensors, read_json, save_ten
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"
 DENSE_WEIGHTS = "delta.safetensors"
 SIDECAR = "trap2.json"
 PEFT_PREFIX = "base_model.model."
@@ -204,18 +205,19 @@ class _LazyDeltas(Mapping[str, "Delta"]):
         return len(self._names)
 
 
-def load_update(path: str | os.PathLike[str], lazy: bool = False) -> Update:
+def load_update(path: str | os.PathLike[str], lazy: bool = False, allow_legacy_bin: bool = False) -> Update:
     """Load an update from a PEFT adapter folder, a trap2 dense folder, or a dense ``.safetensors``.
 
     ``lazy=True`` reads each tensor only when it is used (and checks it then), so a merge of many
-    updates holds a few tensors at a time.
+    updates holds a few tensors at a time. Pickles are never unpickled; ``allow_legacy_bin=True`` reads a
+    PEFT ``adapter_model.bin`` through ``torch.load(weights_only=True)``, which refuses any code.
     """
     p = Path(path)
     if not p.exists():
         raise UpdateFileError(f"{p}: no such file or folder")
     if p.is_dir():
         if (p / ADAPTER_CONFIG).is_file():
-            return _load_peft(p, lazy)
+            return _load_peft(p, lazy, allow_legacy_bin)
         if (p / DENSE_WEIGHTS).is_file():
             return _load_dense(p / DENSE_WEIGHTS, lazy)
         raise UpdateFileError(
@@ -260,7 +262,25 @@ def _load_dense(path: Path, lazy: bool = False) -> Update:
     return Update(deltas, _meta_from(header, path))  # type: ignore[arg-type]
 
 
-def _load_peft(folder: Path, lazy: bool = False) -> Update:
+def _load_legacy_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A legacy PyTorch adapter file, through torch's restricted unpickler only (no code runs)."""
+    import pickle
+
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
+        raise UpdateFileError(
+            f"{path}: refused by torch.load(weights_only=True) ({str(e).splitlines()[0][:120]})"
+        ) from None
+    if not isinstance(tensors, dict) or not all(torch.is_tensor(v) for v in tensors.values()):
+        raise UpdateFileError(f"{path}: not a mapping of tensor names to tensors")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UpdateFileError(f"{path}: tensor {key!r} contains NaN or Inf")
+    return tensors
+
+
+def _load_peft(folder: Path, lazy: bool = False, allow_legacy_bin: bool = False) -> Update:
     from peft.utils.other import get_pattern_key
 
     cfg = read_json(folder / ADAPTER_CONFIG)
@@ -271,9 +291,16 @@ def _load_peft(folder: Path, lazy: bool = False) -> Update:
             f"{folder}: DoRA adapters are not a linear update W0 + ΔW and are not supported"
         )
     weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise UpdateFileError(f"{folder}: missing {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
-    tensors, header = open_tensors(weights, lazy=lazy)
+    legacy = folder / LEGACY_WEIGHTS
+    if weights.is_file():
+        tensors, header = open_tensors(weights, lazy=lazy)
+    elif legacy.is_file() and allow_legacy_bin:
+        weights, tensors, header = legacy, _load_legacy_bin(legacy), {}
+    else:
+        raise UpdateFileError(
+            f"{folder}: missing {ADAPTER_WEIGHTS} (only safetensors adapters are read; a legacy "
+            f"{LEGACY_WEIGHTS} needs allow_legacy_bin=True, which reads it with torch.load(weights_only=True))"
+        )
     r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}

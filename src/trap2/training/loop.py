@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from trap2.eval.evaluate import accuracy
 from trap2.objectives import get_objective
 from trap2.scaling import ScaledModel, base_params
 from trap2.suites.base import Suite, TaskModel
+from trap2.training.checkpoint import load_checkpoint, prefixed, restore_optimizer, save_checkpoint
 from trap2.updates import Update
 
 log = logging.getLogger(__name__)
@@ -79,10 +81,23 @@ def _wrap_lora(backbone: torch.nn.Module, suite: Suite, cfg: TrainConfig) -> tor
         raise ConfigError(f"LoRA could not be applied: {str(e).splitlines()[0]}") from None
 
 
+DIVERGENCE = 1e3  # an off-nominal loss above this is reported: the trap term is running away
+
+
 def train_update(
-    suite: Suite, task_name: str, cfg: TrainConfig, progress: ProgressFn | None = None
+    suite: Suite,
+    task_name: str,
+    cfg: TrainConfig,
+    progress: ProgressFn | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> TrainResult:
-    """Fine-tune the suite's backbone on one task with ``cfg.objective``; return the released update."""
+    """Fine-tune the suite's backbone on one task with ``cfg.objective``; return the released update.
+
+    With ``checkpoint_dir`` and ``cfg.checkpoint_every`` the full training state is saved every that many
+    steps; ``resume=True`` continues from the checkpoint found there (bit-identical to an uninterrupted
+    run on CPU).
+    """
     task = suite.task(task_name)
     objective = get_objective(cfg.objective)
     device = resolve_device(cfg.device)
@@ -115,10 +130,55 @@ def train_update(
     stats_sum: dict[str, float] = {}
     n_sum = 0
 
+    diverged_reported = False
+    start = 1
+
     def snapshot() -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    for step in range(1, cfg.steps + 1):
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume:
+        if ckpt is None or not ckpt.is_dir():
+            raise ConfigError(f"nothing to resume: no checkpoint at {ckpt}")
+        tensors, scalars = load_checkpoint(ckpt)
+        loop = scalars["loop"]
+        if loop["config"] != to_dict(cfg):
+            raise ConfigError(f"{ckpt}: the checkpoint was made with a different configuration")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(tensors[f"param/{n}"])
+        restore_optimizer(opt, tensors, scalars)
+        sched.load_state_dict(scalars["sched"])
+        rng = prefixed(tensors, "rng/")
+        torch.set_rng_state(rng["torch"])
+        gen.set_state(rng["data"])
+        scale_gen.set_state(rng["scales"])
+        order, cursor = tensors["loop/order"], loop["cursor"]
+        skipped, in_a_row, n_sum = loop["skipped"], loop["in_a_row"], loop["n_sum"]
+        stats_sum, history, start = loop["stats_sum"], loop["history"], loop["step"] + 1
+        diverged_reported = loop["diverged_reported"]
+        if loop["best"] is not None:
+            best = (loop["best"][0], loop["best"][1], prefixed(tensors, "best/"))
+
+    def save(step: int) -> None:
+        loop = {
+            "step": step,
+            "cursor": cursor,
+            "skipped": skipped,
+            "in_a_row": in_a_row,
+            "n_sum": n_sum,
+            "stats_sum": stats_sum,
+            "history": history,
+            "diverged_reported": diverged_reported,
+            "best": None if best is None else [best[0], best[1]],
+            "config": to_dict(cfg),
+        }
+        extra = {"order": order, **({f"best/{k}": v for k, v in best[2].items()} if best else {})}
+        rngs = {"torch": torch.get_rng_state(), "data": gen.get_state(), "scales": scale_gen.get_state()}
+        save_checkpoint(ckpt, dict(model.named_parameters()), opt, sched, rngs, loop, extra)
+
+    for step in range(start, cfg.steps + 1):
         if cursor + cfg.batch_size > len(order):
             order, cursor = torch.randperm(len(y_all), generator=gen), 0
         idx = order[cursor : cursor + cfg.batch_size]
@@ -144,6 +204,14 @@ def train_update(
         in_a_row = 0
         opt.step()
         sched.step()
+        if st.off_nominal is not None and st.off_nominal > DIVERGENCE and not diverged_reported:
+            diverged_reported = True
+            log.warning(
+                "step %d: off-nominal loss %.3g: the trap term is running away; set objective.bound "
+                "(e.g. 50) or lower objective.lam",
+                step,
+                st.off_nominal,
+            )
         row = {"loss": st.loss, "nominal": st.nominal, "grad_norm": float(norm)}
         if st.off_nominal is not None:
             row["off_nominal"] = st.off_nominal
@@ -164,6 +232,13 @@ def train_update(
                 best = (val, step, snapshot())
             if progress:
                 progress(step, entry)
+        if (
+            ckpt is not None
+            and cfg.checkpoint_every
+            and step % cfg.checkpoint_every == 0
+            and step < cfg.steps
+        ):
+            save(step)
 
     if cfg.select == "best" and best is not None:
         with torch.no_grad():
@@ -179,6 +254,7 @@ def train_update(
         "train": {k: v for k, v in to_dict(cfg).items() if k not in ("objective", "device")},
         "base_fingerprint": suite.fingerprint,
         "skipped_steps": skipped,
+        "offnominal_diverged": diverged_reported,
         "val_acc": val_acc,
     }
     if cfg.mode == "lora":
