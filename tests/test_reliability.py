@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from trap2.config import LoraSettings, ObjectiveConfig, TrainConfig, from_dict
@@ -227,6 +227,7 @@ def good_file(tmp_path_factory):
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
     cut=st.one_of(st.none(), st.integers(0, 10**6)),
 )
+@example(flips=[(320, 1), (4548, 1)], cut=None)  # a marker key damaged + a data byte: found by this test
 def test_fuzz_update_files(tmp_path_factory, good_file, flips, cut):
     data = bytearray(good_file)
     for pos, xor in flips:

@@ -137,7 +137,27 @@ def _verify(
         raise UpdateFileError(f"{path}: tensor {key!r} contains NaN or Inf")
 
 
+MARKERS = ("trap2", DIGESTS)  # header keys of files trap2 writes
+
+
+def _edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
 def _digests(path: Path, metadata: Mapping[str, str]) -> dict[str, str] | None:
+    # A damaged marker key must not pass the file off as one with nothing to check: a key one or two
+    # edits away from a marker, or one marker without the other, means the header was altered.
+    for key in metadata:
+        if key not in MARKERS and any(_edit_distance(key, m) <= 2 for m in MARKERS):
+            raise UpdateFileError(f"{path}: header key {key!r} is damaged (the file is corrupted)")
+    if ("trap2" in metadata) and (DIGESTS not in metadata):
+        raise UpdateFileError(f"{path}: the header lost its {DIGESTS!r} entry (the file is corrupted)")
     raw = metadata.get(DIGESTS)
     if raw is None:
         return None  # a file trap2 did not write: nothing to check against

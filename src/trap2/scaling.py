@@ -65,6 +65,31 @@ def lora_scale(model: nn.Module, s: float) -> Iterator[None]:
             scaling[name] = value
 
 
+@contextlib.contextmanager
+def lora_sample_scales(model: nn.Module, scales: torch.Tensor) -> Iterator[None]:
+    """Within the block, sample i of the batch sees W0 + scales[i]·ΔW (one forward for many scales).
+
+    A forward hook multiplies each active ``lora_B`` output by the per-sample scale, broadcast over
+    every dimension after the batch (tokens, channels, pixels): the batch must be the first dimension.
+    """
+    handles = []
+
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        if output.shape[0] != scales.shape[0]:
+            raise ConfigError(f"per-sample scales: batch of {output.shape[0]} but {scales.shape[0]} scales")
+        return output * scales.to(output.dtype).view(-1, *([1] * (output.dim() - 1)))
+
+    try:
+        for m in lora_layers(model):
+            for name in m.active_adapters:
+                if name in m.lora_B:
+                    handles.append(m.lora_B[name].register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def base_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """W0 for full fine-tuning: a detached copy of every trainable parameter, made once."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -103,3 +128,19 @@ class ScaledModel:
         return functional_call(self.model, scaled_params(self.model, self.w0, s), (x,), strict=False)
 
     __call__ = forward
+
+    def forward_split(self, x: torch.Tensor, n_nominal: int, scales: torch.Tensor) -> torch.Tensor:
+        """One pass: samples [:n_nominal] at s = 1, the rest at ``scales`` (one per remaining sample).
+
+        LoRA applies a scale per sample; full fine-tuning runs the two parts as two half-size functional
+        calls, so it takes the first scale for the whole off-nominal part.
+        """
+        if self.kind == "lora":
+            s = torch.cat([torch.ones(n_nominal, device=x.device), scales.to(x.device)])
+            with lora_sample_scales(self.model, s):
+                return self.model(x)
+        nominal = self.model(x[:n_nominal])
+        off = functional_call(
+            self.model, scaled_params(self.model, self.w0, float(scales[0])), (x[n_nominal:],), strict=False
+        )
+        return torch.cat([nominal, off])

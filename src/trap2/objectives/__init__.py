@@ -1,16 +1,19 @@
-"""Registered training objectives: ``none`` (plain fine-tuning) and ``trap2`` (the paper's two-pass)."""
+"""Registered training objectives: ``none`` (plain fine-tuning), ``trap2`` (the paper's two-pass) and
+``trap2_split`` (one pass, the batch split between nominal and off-nominal scales)."""
 
 from __future__ import annotations
 
 from trap2.config import ObjectiveConfig
 from trap2.objectives.base import Objective, ObjectiveFactory, StepStats
 from trap2.objectives.none import PlainObjective
+from trap2.objectives.split import SplitTrap2Objective
 from trap2.objectives.trap2 import Trap2Objective
 from trap2.registry import Registry
 
 OBJECTIVES: Registry[ObjectiveFactory] = Registry("objective")
 OBJECTIVES.register("none", PlainObjective)
 OBJECTIVES.register("trap2", Trap2Objective)
+OBJECTIVES.register("trap2_split", SplitTrap2Objective)
 
 
 def get_objective(cfg: ObjectiveConfig | str) -> Objective:

@@ -1,0 +1,125 @@
+"""Step time and peak memory of each registered objective vs plain fine-tuning, side by side.
+
+Run:  python benchmarks/step_time.py [--steps 30] [--rounds 5] [--threads 1]
+
+Same model (the digits backbone + head), batch (64), optimizer (AdamW) for every objective; LoRA and
+full fine-tuning. Objectives are timed in interleaved rounds (plain, trap2, trap2_split, plain, …) so
+drift in the machine's speed hits each alike; the median step time per objective is printed as a ratio
+to plain. Peak memory: each objective runs alone in a child process at batch 4096 (so activations,
+not start-up, set the peak) and its peak RSS above the same process's start-up is compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+OBJECTIVES = ("none", "trap2", "trap2_split")
+MEMORY_BATCH = 4096  # large enough that activations, not start-up, set the peak
+
+
+def make_step(mode: str, objective: str, batch: int = 64):
+    from trap2.config import ObjectiveConfig, TrainConfig
+    from trap2.objectives import get_objective
+    from trap2.scaling import ScaledModel, base_params
+    from trap2.suites import get_suite
+    from trap2.suites.base import TaskModel
+    from trap2.training.loop import _wrap_lora
+
+    suite = get_suite("digits")
+    task = suite.task("rot90")
+    cfg = TrainConfig(mode=mode)
+    backbone = suite.make_backbone()
+    backbone = _wrap_lora(backbone, suite, cfg) if mode == "lora" else backbone.requires_grad_(True)
+    model = TaskModel(backbone, task.head)
+    scaled = ScaledModel(model, mode, base_params(model) if mode == "full" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    obj = get_objective(ObjectiveConfig(name=objective))
+    gen = torch.Generator().manual_seed(0)
+    reps = -(-batch // len(task.train))
+    x, y = task.train.x.repeat(reps, 1, 1)[:batch], task.train.y.repeat(reps)[:batch]
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        obj.backward(scaled, x, y, F.cross_entropy, gen)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    return step
+
+
+def timings(mode: str, steps: int, rounds: int) -> dict[str, float]:
+    fns = {o: make_step(mode, o) for o in OBJECTIVES}
+    for fn in fns.values():  # warm-up
+        for _ in range(5):
+            fn()
+    per: dict[str, list[float]] = {o: [] for o in OBJECTIVES}
+    for _ in range(rounds):
+        for o, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            per[o].append((time.perf_counter() - t0) / steps)
+    return {o: statistics.median(v) for o, v in per.items()}
+
+
+def _child(mode: str, objective: str, steps: int) -> None:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    fn = make_step(mode, objective, MEMORY_BATCH)
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        fn()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start)
+
+
+def peak_memory(mode: str, objective: str, steps: int, threads: int) -> float:
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import step_time; "
+        f"step_time._child({mode!r}, {objective!r}, {steps})"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "BENCH_THREADS": str(threads)},
+    )
+    return float(r.stdout.strip().splitlines()[-1]) / 1024  # MiB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"digits backbone (102k parameters), batch 64, {args.threads} thread(s); "
+        f"median of {args.rounds} interleaved rounds of {args.steps} steps"
+    )
+    print(
+        f"{'mode':6} {'objective':12} {'ms/step':>8} {'× plain':>8} {'peak MiB @4096':>15} {'× plain':>8}"
+    )
+    for mode in ("lora", "full"):
+        t = timings(mode, args.steps, args.rounds)
+        mem = {o: peak_memory(mode, o, args.steps, args.threads) for o in OBJECTIVES}
+        for o in OBJECTIVES:
+            ratio_m = mem[o] / mem["none"] if mem["none"] > 0 else float("nan")
+            print(f"{mode:6} {o:12} {1000 * t[o]:8.2f} {t[o] / t['none']:8.2f} {mem[o]:15.1f} {ratio_m:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
