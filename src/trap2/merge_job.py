@@ -18,8 +18,8 @@ import torch
 from trap2.attacks.merge_attack import EvalContext
 from trap2.attacks.search import search_coefficient
 from trap2.errors import ConfigError, UpdateFileError
-from trap2.eval.evaluate import base_state
-from trap2.io import load_tensors, save_tensors
+from trap2.eval.evaluate import accuracy, base_state
+from trap2.io import atomic_dir, load_tensors, save_tensors
 from trap2.merging import merge_updates, scale_delta
 from trap2.suites import SUITES, get_suite
 from trap2.updates import Update, apply_delta, load_update
@@ -106,7 +106,7 @@ def merge_files(
             )
         ctx = EvalContext(suite, {}, tasks=list(dict.fromkeys(tasks)))
         ctx.normalisers = {
-            t: ctx.accuracies(apply_delta(ctx.w0, u.dense()), "val")[t]
+            t: accuracy(ctx.backbone, suite.task(t), "val", ctx.params(u.dense()))
             for t, u in zip(tasks, updates, strict=True)
         }
         dense = merged.dense()
@@ -124,8 +124,9 @@ def merge_files(
     if fingerprint:
         result.meta["base_fingerprint"] = fingerprint
     out = Path(out)
-    result.save(out)
-    if merged_checkpoint:
-        full = {**w0, **apply_delta(w0, result.dense(), 1.0)}
-        save_tensors(out / "model.safetensors", full, {"format": "pt"})
+    with atomic_dir(out) as tmp:  # the update and its merged checkpoint land together or not at all
+        result.write_into(tmp)
+        if merged_checkpoint:
+            full = {**w0, **apply_delta(w0, result.dense(), 1.0)}
+            save_tensors(tmp / "model.safetensors", full, {"format": "pt"})
     return MergeResult(result, c, search, out)

@@ -141,20 +141,25 @@ class Update:
     def save(self, path: str | os.PathLike[str], peft_model: nn.Module | None = None) -> Path:
         """Write the update folder atomically (see the module docstring for the layout)."""
         out = Path(path)
-        meta_json = json.dumps(self.meta, sort_keys=True)
         with atomic_dir(out) as tmp:
-            if self.kind == "lora":
-                if peft_model is not None:
-                    peft_model.save_pretrained(str(tmp))
-                    tensors, _ = load_tensors(tmp / ADAPTER_WEIGHTS)
-                else:
-                    tensors = self._peft_tensors()
-                    write_json(tmp / ADAPTER_CONFIG, self._peft_config_dict())
-                save_tensors(tmp / ADAPTER_WEIGHTS, tensors, {"format": "pt", "trap2": meta_json})
-            else:
-                save_tensors(tmp / DENSE_WEIGHTS, self.dense(), {"format": "pt", "trap2": meta_json})
-            write_json(tmp / SIDECAR, {"kind": self.kind, **self.meta})
+            self.write_into(tmp, peft_model)
         return out
+
+    def write_into(self, folder: Path, peft_model: nn.Module | None = None) -> None:
+        """Write the update's files into an existing (temporary) folder; callers that add files of
+        their own (a merged checkpoint) wrap this and those files in one ``atomic_dir``."""
+        meta_json = json.dumps(self.meta, sort_keys=True)
+        if self.kind == "lora":
+            if peft_model is not None:
+                peft_model.save_pretrained(str(folder))
+                tensors, _ = load_tensors(folder / ADAPTER_WEIGHTS)
+            else:
+                tensors = self._peft_tensors()
+                write_json(folder / ADAPTER_CONFIG, self._peft_config_dict())
+            save_tensors(folder / ADAPTER_WEIGHTS, tensors, {"format": "pt", "trap2": meta_json})
+        else:
+            save_tensors(folder / DENSE_WEIGHTS, self.dense(), {"format": "pt", "trap2": meta_json})
+        write_json(folder / SIDECAR, {"kind": self.kind, **self.meta})
 
     def _peft_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
