@@ -97,3 +97,34 @@ def test_full_scaling_touches_every_trainable_parameter(tiny_net):
     # the model's own parameters were not modified, and W0 is one copy, not one per call
     assert all(not torch.equal(p.detach(), w0[n]) for n, p in tiny_net.named_parameters())
     assert scaled.w0 is not None and len(scaled.w0) == len(w0)
+
+
+def test_full_scaler_tied_weights_and_cleanup():
+    """A parameter shared by two modules keeps one W0 and is scaled in both; a forward that raises
+    leaves no scaled weight behind; outside the block the module computes with W again."""
+    from torch import nn
+
+    from trap2.scaling import FullScaler
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(7, 4)
+    out = nn.Linear(4, 7, bias=False)
+    out.weight = emb.weight  # tied, as in language models
+    model = nn.Sequential(emb, out)
+    w0 = base_params(model)
+    assert list(w0) == ["0.weight"]
+    with torch.no_grad():
+        emb.weight.add_(0.5)
+    ids = torch.tensor([[1, 2, 3]])
+    scaler = FullScaler(model, w0)
+    with scaler.scale(0.25):
+        got = model(ids)
+    w = w0["0.weight"] + 0.25 * (emb.weight.detach() - w0["0.weight"])
+    torch.testing.assert_close(got, torch.nn.functional.embedding(ids, w) @ w.T)
+
+    with pytest.raises(IndexError), scaler.scale(3.0):
+        model(torch.tensor([[99]]))
+    assert "weight" not in emb.__dict__ and "weight" not in out.__dict__
+    torch.testing.assert_close(model(ids), out(emb(ids)))
+    with pytest.raises(ConfigError, match="shape"):
+        FullScaler(model, {"0.weight": torch.zeros(2, 2)})

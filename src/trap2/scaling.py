@@ -3,9 +3,12 @@
 - LoRA: every PEFT ``LoraLayer`` computes ``base(x) + B(A(dropout(x))) · scaling``; multiplying each
   layer's own ``scaling`` by s gives exactly W0 + s·ΔW whatever PEFT computed it from (α/r, rsLoRA α/√r,
   ``rank_pattern``, ``alpha_pattern``), and the saved value is put back exactly afterwards.
-- Full fine-tuning: W0 is kept once (a detached copy made when training starts); the off-nominal forward
-  is a ``functional_call`` with W0 + s·(W − W0) for every trainable parameter, so gradients reach W with
-  the factor s and no model copy is made per step.
+- Full fine-tuning: W0 is kept once (a detached copy made when training starts). The off-nominal
+  forward is scaled *per layer*: a forward pre-hook on every module that owns trainable parameters
+  shadows each of them with W0 + s·(W − W0) for the duration of that module's own forward, and a
+  forward hook removes the shadow. The parameter is read when the layer runs, after FSDP / ZeRO-3
+  have gathered it, so sharded training sees the right weights and no full state dict is touched;
+  gradients reach W with the factor s, and no model copy is made per step.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from trap2.errors import ConfigError
 
@@ -96,9 +98,76 @@ def base_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def scaled_params(model: nn.Module, w0: Mapping[str, torch.Tensor], s: float) -> dict[str, torch.Tensor]:
-    """{name: W0 + s·(W − W0)} for the trainable parameters (differentiable in W)."""
+    """{name: W0 + s·(W − W0)} for the trainable parameters (differentiable in W); a reference for tests."""
     params = dict(model.named_parameters())
     return {n: w0[n] + s * (params[n] - w0[n]) for n in w0}
+
+
+_ABSENT = object()
+
+
+class FullScaler:
+    """Runs a fully fine-tuned model at W0 + s·(W − W0), one layer at a time (see the module docstring).
+
+    ``w0`` maps parameter names (as ``model.named_parameters()`` gives them) to base values; names it
+    lacks are not scaled. A parameter shared by several modules (tied embeddings) keeps one W0.
+    """
+
+    def __init__(self, model: nn.Module, w0: Mapping[str, torch.Tensor]) -> None:
+        by_id: dict[int, torch.Tensor] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if n in w0:
+                if tuple(w0[n].shape) != tuple(p.shape):
+                    raise ConfigError(f"w0[{n!r}] has shape {tuple(w0[n].shape)}, the model {tuple(p.shape)}")
+                by_id.setdefault(id(p), w0[n])
+        self.layers: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
+        for m in model.modules():
+            own = {n: by_id[id(p)] for n, p in m.named_parameters(recurse=False) if id(p) in by_id}
+            if own:
+                self.layers.append((m, own))
+        if not self.layers:
+            raise ConfigError("full fine-tuning: none of the model's parameters has a W0 to scale from")
+
+    @contextlib.contextmanager
+    def scale(self, s: float) -> Iterator[None]:
+        """Within the block, every forward of the model computes with W0 + s·(W − W0)."""
+        handles = []
+        shadowed: list[tuple[nn.Module, dict[str, object]]] = []
+
+        def pre(module: nn.Module, _args: object, w0: dict[str, torch.Tensor]) -> None:
+            saved = {}
+            for n, base in w0.items():
+                saved[n] = module.__dict__.get(n, _ABSENT)
+                current = module._parameters.get(n)
+                if current is None:  # a wrapper (FSDP with use_orig_params) set it as a plain tensor
+                    current = saved[n]
+                if base.device != current.device:
+                    base = w0[n] = base.to(current.device)
+                # An instance attribute wins over nn.Module.__getattr__'s lookup in _parameters.
+                module.__dict__[n] = base + s * (current - base)
+            shadowed.append((module, saved))
+
+        def post(module: nn.Module, _args: object, _out: object) -> None:
+            _restore(*shadowed.pop())
+
+        try:
+            for m, w0 in self.layers:
+                handles.append(m.register_forward_pre_hook(lambda mod, a, w=w0: pre(mod, a, w)))
+                handles.append(m.register_forward_hook(post))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            while shadowed:  # a forward that raised left its shadows in place
+                _restore(*shadowed.pop())
+
+
+def _restore(module: nn.Module, saved: dict[str, object]) -> None:
+    for n, value in saved.items():
+        if value is _ABSENT:
+            module.__dict__.pop(n, None)
+        else:
+            module.__dict__[n] = value
 
 
 class ScaledModel:
@@ -118,29 +187,30 @@ class ScaledModel:
         self.model = model
         self.kind = kind
         self.w0 = dict(w0) if w0 is not None else None
+        self.full = FullScaler(model, self.w0) if self.w0 is not None else None
+
+    def scale(self, s: float) -> contextlib.AbstractContextManager[None]:
+        """Within the block, the model computes with W0 + s·ΔW."""
+        if s == 1.0:
+            return contextlib.nullcontext()
+        return lora_scale(self.model, s) if self.kind == "lora" else self.full.scale(s)
 
     def forward(self, x: torch.Tensor, s: float = 1.0) -> torch.Tensor:
-        if s == 1.0:
+        with self.scale(s):
             return self.model(x)
-        if self.kind == "lora":
-            with lora_scale(self.model, s):
-                return self.model(x)
-        return functional_call(self.model, scaled_params(self.model, self.w0, s), (x,), strict=False)
 
     __call__ = forward
 
     def forward_split(self, x: torch.Tensor, n_nominal: int, scales: torch.Tensor) -> torch.Tensor:
         """One pass: samples [:n_nominal] at s = 1, the rest at ``scales`` (one per remaining sample).
 
-        LoRA applies a scale per sample; full fine-tuning runs the two parts as two half-size functional
-        calls, so it takes the first scale for the whole off-nominal part.
+        LoRA applies a scale per sample; full fine-tuning runs the two parts as two half-size forwards, so it takes the first scale for the whole off-nominal part.
         """
         if self.kind == "lora":
             s = torch.cat([torch.ones(n_nominal, device=x.device), scales.to(x.device)])
             with lora_sample_scales(self.model, s):
                 return self.model(x)
         nominal = self.model(x[:n_nominal])
-        off = functional_call(
-            self.model, scaled_params(self.model, self.w0, float(scales[0])), (x[n_nominal:],), strict=False
-        )
+        with self.scale(float(scales[0])):
+            off = self.model(x[n_nominal:])
         return torch.cat([nominal, off])
