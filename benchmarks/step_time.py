@@ -35,13 +35,13 @@ def make_step(mode: str, objective: str, batch: int = 64):
     from trap2.scaling import ScaledModel, base_params
     from trap2.suites import get_suite
     from trap2.suites.base import TaskModel
-    from trap2.training.loop import _wrap_lora
+    from trap2.training.loop import wrap_lora
 
     suite = get_suite("digits")
     task = suite.task("rot90")
     cfg = TrainConfig(mode=mode)
     backbone = suite.make_backbone()
-    backbone = _wrap_lora(backbone, suite, cfg) if mode == "lora" else backbone.requires_grad_(True)
+    backbone = wrap_lora(backbone, suite, cfg) if mode == "lora" else backbone.requires_grad_(True)
     model = TaskModel(backbone, task.head)
     scaled = ScaledModel(model, mode, base_params(model) if mode == "full" else None)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -110,9 +110,7 @@ def main() -> None:
         f"digits backbone (102k parameters), batch 64, {args.threads} thread(s); "
         f"median of {args.rounds} interleaved rounds of {args.steps} steps"
     )
-    print(
-        f"{'mode':6} {'objective':12} {'ms/step':>8} {'× plain':>8} {'peak MiB @4096':>15} {'× plain':>8}"
-    )
+    print(f"{'mode':6} {'objective':12} {'ms/step':>8} {'× plain':>8} {'peak MiB @4096':>15} {'× plain':>8}")
     for mode in ("lora", "full"):
         t = timings(mode, args.steps, args.rounds)
         mem = {o: peak_memory(mode, o, args.steps, args.threads) for o in OBJECTIVES}

@@ -61,7 +61,7 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def _wrap_lora(backbone: torch.nn.Module, suite: Suite, cfg: TrainConfig) -> torch.nn.Module:
+def wrap_lora(backbone: torch.nn.Module, suite: Suite, cfg: TrainConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lc = cfg.lora
@@ -108,7 +108,7 @@ def train_update(
     backbone = suite.make_backbone()
     w0 = None
     if cfg.mode == "lora":
-        backbone = _wrap_lora(backbone, suite, cfg)
+        backbone = wrap_lora(backbone, suite, cfg)
     else:
         backbone.requires_grad_(True)
     model = TaskModel(backbone, task.head).to(device)

@@ -1,0 +1,287 @@
+"""Trap² inside ``transformers.Trainer``: one import and one class name for a publisher's script.
+
+``Trap2TrainingArguments`` adds the protection settings to ``TrainingArguments``; ``Trap2Mixin``
+overrides ``compute_loss`` (the TRL pattern) so ``class MyTrainer(Trap2Mixin, SFTTrainer)`` works too;
+``Trap2Trainer = Trap2Mixin + Trainer``.
+
+Per micro-batch the mixin computes the off-nominal term first, at W0 + s·ΔW, and runs its backward
+*inside* the scaled context (so activation checkpointing recomputes it at the same scale), then returns
+the nominal loss, whose backward the Trainer runs as usual; the gradients add up to those of
+J = L(W0+ΔW) − λ·w(s)·b(L(W0+s·ΔW)). Both passes see the same dropout masks. The scale s is drawn from
+(seed, optimizer step): one s per optimizer step across the micro-batches of gradient accumulation (as
+the paper's LLM code does), the same on every process, and the same after resuming.
+
+The model is protected in one of two modes, found from the model itself:
+- ``lora``: the model holds PEFT LoRA layers; each layer's own ``scaling`` is multiplied by s.
+- ``full``: every trainable parameter is the update; W0 is copied once when the Trainer is built and
+  the scaled forward is applied per layer (:class:`trap2.scaling.FullScaler`), where FSDP/ZeRO-3 have
+  gathered the parameter. FSDP needs ``use_orig_params=True``. W0 is one extra copy of the trainable
+  parameters per process (not sharded).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from trap2.config import ObjectiveConfig, to_dict
+from trap2.errors import ConfigError, TrainingError
+from trap2.objectives.base import same_random_draws
+from trap2.objectives.trap2 import bounded, sample_scales, scale_weight
+from trap2.scaling import FullScaler, base_params, check_scalable_lora, lora_layers, lora_scale
+from trap2.training.loop import DIVERGENCE
+from trap2.updates import Update
+
+log = logging.getLogger(__name__)
+
+TRAINER_OBJECTIVES = ("none", "trap2")
+DEFAULT_LAMBDA = {"lora": 1e-3, "full": 5e-3}  # the paper's values; λ depends on the loss scale
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class Trap2TrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the Trap² settings (``HfArgumentParser`` exposes them as flags)."""
+
+    trap2_objective: str = _help("'trap2' (protected) or 'none' (plain fine-tuning, the baseline)", "trap2")
+    trap2_lambda: float | None = _help(
+        "λ, the weight of the off-nominal term; None = the paper's 1e-3 (LoRA) or 5e-3 (full). It depends "
+        "on the loss scale: raise it when the scaling curve does not collapse",
+        None,
+    )
+    trap2_s_min: float = _help("smallest sampled scale s (> 0)", 0.05)
+    trap2_s_max: float = _help("largest sampled scale s", 2.0)
+    trap2_delta: float = _help("half-width δ of the excluded band (1−δ, 1+δ) around s = 1", 0.05)
+    trap2_weight: str = _help("w(s): 'inv' = 1/s (vision), 'inv_sqrt' = 1/√s (LLM), 'none' = 1", "inv")
+    trap2_n_samples: int = _help("scales s drawn per optimizer step (the paper uses 1)", 1)
+    trap2_bound: float | None = _help(
+        "optional soft cap τ on the off-nominal loss, τ·tanh(L/τ), applied to the micro-batch loss as the "
+        "model returns it; None = no cap",
+        None,
+    )
+    trap2_seed: int | None = _help("seed of the sampled scales; None = the run's seed", None)
+    trap2_max_nonfinite_in_row: int = _help(
+        "non-finite steps (skipped, no update) tolerated in a row before training stops", 20
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.trap2_objective not in TRAINER_OBJECTIVES:
+            raise ConfigError(
+                f"trap2_objective={self.trap2_objective!r}: the Trainer supports {', '.join(TRAINER_OBJECTIVES)}"
+                " (the one-pass trap2_split needs per-sample losses; use the built-in loop)"
+            )
+        if self.trap2_max_nonfinite_in_row < 1:
+            raise ConfigError("trap2_max_nonfinite_in_row must be ≥ 1")
+        self.objective_config("lora")  # validates the ranges now, not at the first step
+
+    def objective_config(self, mode: str) -> ObjectiveConfig:
+        """The settings as the library's validated :class:`ObjectiveConfig` for ``mode``."""
+        lam = DEFAULT_LAMBDA[mode] if self.trap2_lambda is None else self.trap2_lambda
+        return ObjectiveConfig(
+            name=self.trap2_objective,
+            lam=lam,
+            s_min=self.trap2_s_min,
+            s_max=self.trap2_s_max,
+            delta=self.trap2_delta,
+            weight=self.trap2_weight,
+            n_samples=self.trap2_n_samples,
+            bound=self.trap2_bound,
+        )
+
+
+class _NonFiniteGuard(TrainerCallback):
+    def __init__(self, trainer: Trap2Mixin) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._trap2_guard_step()
+
+
+class Trap2Mixin:
+    """Mix in before a ``Trainer`` subclass: ``class MyTrainer(Trap2Mixin, SFTTrainer)``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        targs = self.args
+        if not isinstance(targs, Trap2TrainingArguments):
+            raise ConfigError(
+                f"{type(self).__name__} needs Trap2TrainingArguments (got {type(targs).__name__}): they carry "
+                "the protection settings"
+            )
+        model = self.model
+        self.trap2_mode = "lora" if lora_layers(model) else "full"
+        if self.trap2_mode == "lora":
+            check_scalable_lora(model)
+            self._trap2_w0: dict[str, torch.Tensor] | None = None
+            self._trap2_full: FullScaler | None = None
+        else:
+            self._trap2_w0 = base_params(model)  # W0, kept once
+            if not self._trap2_w0:
+                raise ConfigError(
+                    "the model has no trainable parameters and no LoRA layers: nothing to protect"
+                )
+            self._trap2_full = FullScaler(model, self._trap2_w0)
+        self.trap2_config = targs.objective_config(self.trap2_mode)
+        self._trap2_seed = targs.seed if targs.trap2_seed is None else targs.trap2_seed
+        self._trap2_metrics: dict[str, list[float]] = defaultdict(list)
+        self.trap2_skipped_steps = 0
+        self._trap2_in_a_row = 0
+        self._trap2_diverged = False
+        self.add_callback(_NonFiniteGuard(self))
+
+    # --- the objective ------------------------------------------------------------------------------
+
+    def trap2_scales(self, step: int | None = None) -> list[float]:
+        """The scales s for optimizer step ``step`` (default: the current one)."""
+        step = self.state.global_step if step is None else step
+        gen = torch.Generator().manual_seed(self._trap2_seed * 1_000_003 + step)
+        return sample_scales(self.trap2_config, self.trap2_config.n_samples, gen)
+
+    def trap2_scaled(self, model: nn.Module, s: float) -> Any:
+        """Context in which ``model`` computes with W0 + s·ΔW."""
+        if self.trap2_mode == "lora":
+            return lora_scale(model, s)
+        return self._trap2_full.scale(s)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        cfg = self.trap2_config
+        if cfg.name == "none" or not model.training:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        scales = self.trap2_scales()
+        off_sum = 0.0
+        offs = []
+        with same_random_draws(self.args.device) as replay:
+            for s in scales:
+                with self.trap2_scaled(model, s):
+                    off = super().compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+                    term = -(cfg.lam * scale_weight(cfg.weight, s) / len(scales)) * bounded(off, cfg.bound)
+                    self._trap2_backward(term, num_items_in_batch)
+                off_sum = off_sum + term.detach()
+                offs.append(float(off.detach()))
+                replay()
+            loss, outputs = super().compute_loss(
+                model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        m = self._trap2_metrics
+        m["trap2_nominal_loss"].append(float(loss.detach()))
+        m["trap2_off_nominal_loss"].append(sum(offs) / len(offs))
+        m["trap2_scale"].append(sum(scales) / len(scales))
+        if max(offs) > DIVERGENCE and not self._trap2_diverged:
+            self._trap2_diverged = True
+            log.warning(
+                "step %d: off-nominal loss %.3g: the trap term is running away; set trap2_bound (e.g. 50) "
+                "or lower trap2_lambda",
+                self.state.global_step,
+                max(offs),
+            )
+        j = loss + off_sum  # the value of J; only the nominal part still needs its backward
+        return (j, outputs) if return_outputs else j
+
+    def _trap2_backward(self, term: torch.Tensor, num_items_in_batch: Any) -> None:
+        """Backward of the off-nominal term with the loss normalisation ``training_step`` applies."""
+        if self.args.n_gpu > 1:
+            term = term.mean()
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (
+                getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
+            ) or getattr(self, "compute_loss_func", None) is not None
+        if not scaled:
+            term = term / getattr(
+                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+            )
+        kwargs = {}
+        if self.accelerator.distributed_type == "DEEPSPEED":
+            kwargs["scale_wrt_gas"] = False
+        self.accelerator.backward(term, **kwargs)
+
+    # --- non-finite steps ---------------------------------------------------------------------------
+
+    def _trap2_guard_step(self) -> None:
+        """Before the optimizer step: a non-finite gradient skips the update (all processes agree)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        bad = torch.zeros((), device=self.args.device)
+        if grads:
+            bad = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float().to(self.args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if not bool(bad):
+            self._trap2_in_a_row = 0
+            return
+        self.trap2_skipped_steps += 1
+        self._trap2_in_a_row += 1
+        if getattr(self.accelerator, "scaler", None) is None:  # fp16's GradScaler skips the step itself
+            for p in self.model.parameters():
+                p.grad = None  # AdamW leaves parameters without a gradient untouched
+        log.warning(
+            "step %d: non-finite gradient, step skipped (%d so far)",
+            self.state.global_step,
+            self.trap2_skipped_steps,
+        )
+        if self._trap2_in_a_row >= self.args.trap2_max_nonfinite_in_row:
+            raise TrainingError(
+                f"{self._trap2_in_a_row} non-finite steps in a row at step {self.state.global_step}: lower the "
+                "learning rate or trap2_lambda, or set trap2_bound"
+            )
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # a training log: add what the objective saw since the last one
+            for k, v in self._trap2_metrics.items():
+                logs[k] = round(sum(v) / len(v), 6)
+            self._trap2_metrics.clear()
+            logs["trap2_skipped_steps"] = self.trap2_skipped_steps
+        super().log(logs, *args, **kwargs)
+
+    # --- release ------------------------------------------------------------------------------------
+
+    def save_update(
+        self, path: str | Path, module: nn.Module | None = None, meta: dict[str, Any] | None = None
+    ) -> Path:
+        """Write the trained update in trap2's release format (atomic), with the protection settings.
+
+        ``module``: the part of the model whose parameter names the update uses (default: the model the
+        Trainer was given; pass the backbone when a wrapper adds a frozen head around it).
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        module = model if module is None else module
+        info = {
+            "mode": self.trap2_mode,
+            "objective": to_dict(self.trap2_config),
+            "trainer": type(self).__name__,
+            "global_step": self.state.global_step,
+            "skipped_steps": self.trap2_skipped_steps,
+            **(meta or {}),
+        }
+        if self.trap2_mode == "lora":
+            update = Update.from_peft_model(module, meta=info)
+            return update.save(path, peft_model=module if hasattr(module, "peft_config") else None)
+        prefix = {id(m): n for n, m in model.named_modules()}.get(id(module))
+        if prefix is None:
+            raise ConfigError("save_update: `module` is not part of the trained model")
+        cut = f"{prefix}." if prefix else ""
+        w0 = {n[len(cut) :]: t for n, t in self._trap2_w0.items() if n.startswith(cut)}
+        now = dict(module.named_parameters())
+        return Update.from_full(now, w0, meta=info).save(path)
+
+
+class Trap2Trainer(Trap2Mixin, Trainer):
+    """``transformers.Trainer`` that trains a Trap²-protected update (see the module docstring)."""
