@@ -28,7 +28,6 @@ def training_arguments(cfg: TrainConfig, output_dir: str | Path, **overrides: An
         raise ConfigError(f"objective {cfg.objective.name!r} is not available in the Trainer (none, trap2)")
     if cfg.select != "last":
         raise ConfigError("the Trainer path releases the last step (select='last')")
-    o = cfg.objective
     kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
         max_steps=cfg.steps,
@@ -50,16 +49,9 @@ def training_arguments(cfg: TrainConfig, output_dir: str | Path, **overrides: An
         disable_tqdm=True,
         dataloader_drop_last=True,
         remove_unused_columns=False,  # HeadedModel takes **inputs: keep every column
-        trap2_objective=o.name,
-        trap2_lambda=o.lam,
-        trap2_s_min=o.s_min,
-        trap2_s_max=o.s_max,
-        trap2_delta=o.delta,
-        trap2_weight=o.weight,
-        trap2_n_samples=o.n_samples,
-        trap2_bound=o.bound,
         trap2_max_nonfinite_in_row=cfg.max_nonfinite_in_row,
     )
+    kwargs.update(Trap2TrainingArguments.objective_arguments(cfg.objective))
     kwargs.update(overrides)
     return Trap2TrainingArguments(**kwargs)
 

@@ -43,6 +43,17 @@ log = logging.getLogger(__name__)
 
 TRAINER_OBJECTIVES = ("none", "trap2")
 DEFAULT_LAMBDA = {"lora": 1e-3, "full": 5e-3}  # the paper's values; λ depends on the loss scale
+# ObjectiveConfig field -> Trap2TrainingArguments argument
+OBJECTIVE_ARGS = {
+    "name": "trap2_objective",
+    "lam": "trap2_lambda",
+    "s_min": "trap2_s_min",
+    "s_max": "trap2_s_max",
+    "delta": "trap2_delta",
+    "weight": "trap2_weight",
+    "n_samples": "trap2_n_samples",
+    "bound": "trap2_bound",
+}
 
 
 def _help(text: str, default: Any) -> Any:
@@ -87,17 +98,15 @@ class Trap2TrainingArguments(TrainingArguments):
 
     def objective_config(self, mode: str) -> ObjectiveConfig:
         """The settings as the library's validated :class:`ObjectiveConfig` for ``mode``."""
-        lam = DEFAULT_LAMBDA[mode] if self.trap2_lambda is None else self.trap2_lambda
-        return ObjectiveConfig(
-            name=self.trap2_objective,
-            lam=lam,
-            s_min=self.trap2_s_min,
-            s_max=self.trap2_s_max,
-            delta=self.trap2_delta,
-            weight=self.trap2_weight,
-            n_samples=self.trap2_n_samples,
-            bound=self.trap2_bound,
-        )
+        values = {field: getattr(self, arg) for field, arg in OBJECTIVE_ARGS.items()}
+        if values["lam"] is None:
+            values["lam"] = DEFAULT_LAMBDA[mode]
+        return ObjectiveConfig(**values)
+
+    @staticmethod
+    def objective_arguments(cfg: ObjectiveConfig) -> dict[str, Any]:
+        """The ``trap2_*`` keyword arguments that reproduce ``cfg``."""
+        return {arg: getattr(cfg, field) for field, arg in OBJECTIVE_ARGS.items()}
 
 
 class _NonFiniteGuard(TrainerCallback):
