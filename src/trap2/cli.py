@@ -13,13 +13,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any  # noqa: E402
 
 import typer  # noqa: E402
 
-from trap2.errors import Trap2Error  # noqa: E402
+from trap2.errors import Trap2Error, UnknownNameError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Trap²: updates that break when merged.")
 
@@ -263,6 +264,43 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
             typer.echo(f"           {k} = {h['default']!r} ({h['valid']}): {h['help']}")
     typer.echo("spaces (any method in any space): full = dense ΔW; knots = SVD of the column-stacked deltas;")
     typer.echo("  core = LoRA only, bases of the stacked A's and B's")
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Prepare a suite's real datasets into the local cache.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    suite: Annotated[str, typer.Argument(help="suite whose data to prepare: vision-cnn")],
+    bigbench: Annotated[
+        Path | None,
+        typer.Option(
+            help="the bigbench-1.0.0 sdist, or its folder (default: $TRAP2_BIGBENCH or CACHE/bigbench)"
+        ),
+    ] = None,
+    download: Annotated[
+        bool,
+        typer.Option(help="fetch the BIG-bench sdist with `pip download` (a package registry) if absent"),
+    ] = False,
+) -> None:
+    """Read each task's source once and write fixed train/val/test subsets to the cache ($TRAP2_DATA)."""
+    from trap2.data.prepare import data_dir
+
+    if suite != "vision-cnn":
+        raise UnknownNameError(f"no data to prepare for suite {suite!r}; valid: vision-cnn")
+    from trap2.data import sources
+    from trap2.suites import vision_cnn
+
+    bb = bigbench or vision_cnn.bigbench_source()
+    if download and not (bb / sources.BIGBENCH_SDIST).exists() and not bb.is_file():
+        bb.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "bigbench==1.0.0", "-d", str(bb)]
+        typer.echo("$ " + " ".join(cmd))
+        subprocess.run(cmd, check=True)
+    for path in vision_cnn.prepare(bb):
+        typer.echo(f"wrote {path}")
+    typer.echo(f"cache: {data_dir() / suite}")
 
 
 def main() -> None:

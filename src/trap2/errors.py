@@ -21,3 +21,7 @@ class UnknownNameError(Trap2Error):
 
 class TrainingError(Trap2Error):
     """Training cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+class DataError(Trap2Error):
+    """A dataset is missing, unreadable or malformed; the message names the install or prepare command."""

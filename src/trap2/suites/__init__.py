@@ -20,6 +20,15 @@ def _digits() -> Suite:
 SUITES.register("digits", _digits)
 
 
+def _vision_cnn() -> Suite:
+    from trap2.suites.vision_cnn import build_suite
+
+    return build_suite()
+
+
+SUITES.register("vision-cnn", _vision_cnn)
+
+
 def get_suite(name: str) -> Suite:
     builder = SUITES.get(name)
     if name not in _BUILT:

@@ -1,0 +1,1 @@
+"""Real datasets that install from package registries, read offline, and a prepared-data cache."""

@@ -1,0 +1,89 @@
+"""Prepare a suite's data once into a local cache: fixed, seeded train/val/test subsets of each source,
+resized to the suite's image size, stored as uint8 safetensors (atomic, digest-checked).
+
+The cache folder is ``$TRAP2_DATA`` if set, else ``~/.cache/trap2``. After ``prepare`` nothing reads
+the original sources again, and nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trap2.data import sources
+from trap2.errors import DataError
+from trap2.io import load_tensors, save_tensors
+
+SPLIT_SEED = 20261123
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("TRAP2_DATA") or Path.home() / ".cache" / "trap2")
+
+
+@dataclass(frozen=True)
+class TaskSource:
+    """One task of a suite: where its images come from and how many go into each split."""
+
+    name: str
+    load: Callable[[], sources.Arrays]
+    n_train: int
+    n_val: int
+    n_test: int
+    description: str = ""
+
+
+def to_rgb(images: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, H, W, 3) → uint8 (N, 3, size, size), bilinear resize."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    x = x[:, None].expand(-1, 3, -1, -1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    x = x.float()
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def split_indices(n: int, sizes: tuple[int, int, int], seed: int) -> tuple[np.ndarray, ...]:
+    if sum(sizes) > n:
+        raise DataError(f"the splits ask for {sum(sizes)} examples but the source has {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    a, b = sizes[0], sizes[0] + sizes[1]
+    return perm[:a], perm[a:b], perm[b : b + sizes[2]]
+
+
+def prepare_task(suite: str, task: TaskSource, size: int, folder: Path | None = None) -> Path:
+    """Write ``<folder>/<suite>/<task>-<size>px.safetensors`` (x_/y_ train, val, test)."""
+    out = (folder or data_dir()) / suite / f"{task.name}-{size}px.safetensors"
+    x, y = task.load()
+    if len(x) != len(y):
+        raise DataError(f"{task.name}: {len(x)} images but {len(y)} labels")
+    parts = split_indices(len(y), (task.n_train, task.n_val, task.n_test), SPLIT_SEED)
+    tensors = {}
+    for split, idx in zip(("train", "val", "test"), parts, strict=True):
+        tensors[f"x_{split}"] = to_rgb(x[idx], size)
+        tensors[f"y_{split}"] = torch.from_numpy(y[idx].astype(np.int64))
+    meta = {
+        "task": task.name,
+        "size": str(size),
+        "n_classes": str(int(y.max()) + 1),
+        "source": task.description,
+    }
+    save_tensors(out, tensors, {"trap2_data": json.dumps(meta, sort_keys=True)})
+    return out
+
+
+def load_prepared(
+    suite: str, task: str, size: int, folder: Path | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    path = (folder or data_dir()) / suite / f"{task}-{size}px.safetensors"
+    if not path.is_file():
+        raise DataError(f"{suite}/{task} is not prepared ({path} missing): run  trap2 data prepare {suite}")
+    tensors, header = load_tensors(path)
+    return tensors, json.loads(header.get("trap2_data", "{}"))

