@@ -1,9 +1,10 @@
 """Step time and peak memory of each registered objective vs plain fine-tuning, side by side.
 
-Run:  python benchmarks/step_time.py [--steps 30] [--rounds 5] [--threads 1]
+Run:  python benchmarks/step_time.py [--suite digits|vision-cnn] [--steps 30] [--rounds 5] [--threads 1]
 
-Same model (the digits backbone + head), batch (64), optimizer (AdamW) for every objective; LoRA and
-full fine-tuning. Objectives are timed in interleaved rounds (plain, trap2, trap2_split, plain, …) so
+Same model (the suite's backbone + a task head), batch, optimizer (AdamW) for every objective; LoRA and
+full fine-tuning. Suites: ``digits`` (102k-parameter ViT, batch 64) and ``vision-cnn`` (the pretrained
+EfficientNet-Lite0, 4.65 M parameters, 32 px, batch 32; needs ``trap2 data prepare vision-cnn``). Objectives are timed in interleaved rounds (plain, trap2, trap2_split, plain, …) so
 drift in the machine's speed hits each alike; the median step time per objective is printed as a ratio
 to plain. Peak memory: each objective runs alone in a child process at batch 4096 (so activations,
 not start-up, set the peak) and its peak RSS above the same process's start-up is compared.
@@ -26,10 +27,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 OBJECTIVES = ("none", "trap2", "trap2_split")
-MEMORY_BATCH = 4096  # large enough that activations, not start-up, set the peak
+# per suite: (training batch, memory batch); the memory batch is large enough that activations, not
+# start-up, set the peak
+BATCHES = {"digits": (64, 4096), "vision-cnn": (32, 256)}
 
 
-def make_step(mode: str, objective: str, batch: int = 64):
+def make_step(mode: str, objective: str, batch: int, suite_name: str = "digits"):
     from trap2.config import ObjectiveConfig, TrainConfig
     from trap2.objectives import get_objective
     from trap2.scaling import ScaledModel, base_params
@@ -37,8 +40,8 @@ def make_step(mode: str, objective: str, batch: int = 64):
     from trap2.suites.base import TaskModel
     from trap2.training.loop import wrap_lora
 
-    suite = get_suite("digits")
-    task = suite.task("rot90")
+    suite = get_suite(suite_name)
+    task = suite.task(suite.default_target)
     cfg = TrainConfig(mode=mode)
     backbone = suite.make_backbone()
     backbone = wrap_lora(backbone, suite, cfg) if mode == "lora" else backbone.requires_grad_(True)
@@ -49,7 +52,8 @@ def make_step(mode: str, objective: str, batch: int = 64):
     obj = get_objective(ObjectiveConfig(name=objective))
     gen = torch.Generator().manual_seed(0)
     reps = -(-batch // len(task.train))
-    x, y = task.train.x.repeat(reps, 1, 1)[:batch], task.train.y.repeat(reps)[:batch]
+    x = task.train.x.repeat(reps, *[1] * (task.train.x.dim() - 1))[:batch]
+    y = task.train.y.repeat(reps)[:batch]
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -60,8 +64,8 @@ def make_step(mode: str, objective: str, batch: int = 64):
     return step
 
 
-def timings(mode: str, steps: int, rounds: int) -> dict[str, float]:
-    fns = {o: make_step(mode, o) for o in OBJECTIVES}
+def timings(mode: str, steps: int, rounds: int, suite: str) -> dict[str, float]:
+    fns = {o: make_step(mode, o, BATCHES[suite][0], suite) for o in OBJECTIVES}
     for fn in fns.values():  # warm-up
         for _ in range(5):
             fn()
@@ -75,19 +79,19 @@ def timings(mode: str, steps: int, rounds: int) -> dict[str, float]:
     return {o: statistics.median(v) for o, v in per.items()}
 
 
-def _child(mode: str, objective: str, steps: int) -> None:
+def _child(mode: str, objective: str, steps: int, suite: str) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    fn = make_step(mode, objective, MEMORY_BATCH)
+    fn = make_step(mode, objective, BATCHES[suite][1], suite)
     start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(3):
         fn()
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start)
 
 
-def peak_memory(mode: str, objective: str, steps: int, threads: int) -> float:
+def peak_memory(mode: str, objective: str, steps: int, threads: int, suite: str) -> float:
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import step_time; "
-        f"step_time._child({mode!r}, {objective!r}, {steps})"
+        f"step_time._child({mode!r}, {objective!r}, {steps}, {suite!r})"
     )
     r = subprocess.run(
         [sys.executable, "-c", code],
@@ -104,16 +108,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--suite", choices=sorted(BATCHES), default="digits")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    batch, mem_batch = BATCHES[args.suite]
     print(
-        f"digits backbone (102k parameters), batch 64, {args.threads} thread(s); "
+        f"{args.suite} backbone, batch {batch}, {args.threads} thread(s); "
         f"median of {args.rounds} interleaved rounds of {args.steps} steps"
     )
-    print(f"{'mode':6} {'objective':12} {'ms/step':>8} {'× plain':>8} {'peak MiB @4096':>15} {'× plain':>8}")
+    print(
+        f"{'mode':6} {'objective':12} {'ms/step':>8} {'× plain':>8} {f'peak MiB @{mem_batch}':>15} {'× plain':>8}"
+    )
     for mode in ("lora", "full"):
-        t = timings(mode, args.steps, args.rounds)
-        mem = {o: peak_memory(mode, o, args.steps, args.threads) for o in OBJECTIVES}
+        t = timings(mode, args.steps, args.rounds, args.suite)
+        mem = {o: peak_memory(mode, o, args.steps, args.threads, args.suite) for o in OBJECTIVES}
         for o in OBJECTIVES:
             ratio_m = mem[o] / mem["none"] if mem["none"] > 0 else float("nan")
             print(f"{mode:6} {o:12} {1000 * t[o]:8.2f} {t[o] / t['none']:8.2f} {mem[o]:15.1f} {ratio_m:8.2f}")
