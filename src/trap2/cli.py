@@ -158,38 +158,94 @@ def demo(
     threads: Threads = 0,
 ) -> None:
     """The main job: 8 plain updates + a protected one, standalone, scaling curve and merges."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from trap2.config import from_dict, load_yaml, to_dict
-    from trap2.demo import DemoConfig, run_demo, summary_rows
+    from trap2.demo import run_demo
     from trap2.progress import RichReporter
 
     _threads(threads)
+    cfg = _demo_config(config, suite=suite, target=target, steps=steps, mode=mode, lam=lam, seed=seed)
+    with RichReporter() as reporter:
+        report = run_demo(cfg, out, fresh=fresh, reporter=reporter)
+    _print_summary(report, f"trap2 demo: suite {report['suite']}, protected task {report['target']}", out)
+
+
+def _demo_config(config: Path | None, **overrides: Any) -> Any:
+    """DemoConfig from its defaults, the YAML ``config`` and the CLI ``overrides`` (None = not given)."""
+    from trap2.config import from_dict, load_yaml, to_dict
+    from trap2.demo import DemoConfig
+
     raw = load_yaml(config) if config else {}
     base = to_dict(DemoConfig())
     base.update({k: v for k, v in raw.items() if k != "train"})
+    train_keys = ("steps", "mode", "lam", "seed")
     train_cfg = _train_config(
-        {**base["train"], **raw.get("train", {})}, steps=steps, mode=mode, lam=lam, seed=seed
+        {**base["train"], **raw.get("train", {})}, **{k: overrides.get(k) for k in train_keys}
     )
-    if suite is not None:
-        base["suite"] = suite
-    if target is not None:
-        base["target"] = target
+    for k, v in overrides.items():
+        if k not in train_keys and v is not None:
+            base[k] = v
     base["train"] = dataclasses.asdict(train_cfg)
-    cfg = from_dict(DemoConfig, base)
+    return from_dict(DemoConfig, base)
+
+
+def _print_summary(report: dict[str, Any], title: str, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from trap2.demo import summary_rows
+
     console = Console()
-    with RichReporter() as reporter:
-        report = run_demo(cfg, out, fresh=fresh, reporter=reporter)
-    table = Table(
-        title=f"trap2 demo: suite {report['suite']}, protected task {report['target']} (accuracy %)"
-    )
+    table = Table(title=f"{title} (accuracy %)")
     for col in ("", "unprotected", "Trap²"):
         table.add_column(col, justify="right" if col else "left")
     for row in summary_rows(report):
         table.add_row(*row)
     console.print(table)
     console.print(f"report: {out / 'report.md'}  ({report['wall_seconds']:.0f} s)")
+
+
+@app.command()
+def audit(
+    update: Annotated[
+        Path, typer.Argument(help="the released update: a PEFT folder or a delta.safetensors folder")
+    ],
+    out: Annotated[Path, typer.Option(help="output folder (report.json, report.md, PNGs, updates/)")],
+    suite: Annotated[str | None, typer.Option(help="suite the update was made on (default: digits)")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="the update's task (default: recorded in the update)")
+    ] = None,
+    pool: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="another task's update to merge with (repeatable); missing tasks: the suite's plain updates"
+        ),
+    ] = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated merge methods (default: all)")] = None,
+    spaces: Annotated[
+        str | None, typer.Option(help="comma-separated merge spaces (default: full,knots,core)")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps of the pool's plain updates")] = None,
+    mode: Annotated[str | None, typer.Option(help="'lora' or 'full' for the pool's plain updates")] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="retrain the pool instead of reusing the cache")
+    ] = False,
+    config: ConfigOpt = None,
+    threads: Threads = 0,
+) -> None:
+    """How well is a released update protected: standalone, scaling curve, attack matrix and heat map."""
+    from trap2.audit import run_audit
+    from trap2.progress import RichReporter
+
+    _threads(threads)
+
+    def split(v: str | None) -> list[str] | None:
+        return None if v is None else [x.strip() for x in v.split(",") if x.strip()]
+
+    cfg = _demo_config(
+        config, suite=suite, steps=steps, mode=mode, methods=split(methods), spaces=split(spaces)
+    )
+    with RichReporter() as reporter:
+        report = run_audit(update, cfg, out, task=task, pool=pool or (), fresh=fresh, reporter=reporter)
+    _print_summary(report, f"trap2 audit: {update} ({report['suite']}/{report['target']})", out)
 
 
 @app.command()

@@ -126,6 +126,23 @@ def run_demo(
     updates = {t: trained_update(suite, t, plain_cfg, cache, fresh, reporter) for t in tasks}
     protected = trained_update(suite, target, cfg.train, cache, fresh, reporter)
 
+    return evaluate_protection(suite, target, updates, protected, cfg, out, reporter, t0)
+
+
+def evaluate_protection(
+    suite: Suite,
+    target: str,
+    updates: Mapping[str, Update],
+    protected: Update,
+    cfg: DemoConfig,
+    out: Path,
+    reporter: Reporter,
+    t0: float,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Standalone accuracy, the target's scaling curve and the attack matrix of a protected update
+    against the unprotected pool ``updates`` (one per task); writes the report to ``out``."""
+    tasks = suite.task_names
     backbone = suite.make_backbone()
     w0 = base_state(backbone)
     dense = {t: u.dense() for t, u in updates.items()}
@@ -165,6 +182,7 @@ def run_demo(
         "attacks": attacks,
         "config": to_dict(cfg),
         "wall_seconds": time.perf_counter() - t0,
+        **(extra or {}),
     }
     write_report(report, out)
     return report

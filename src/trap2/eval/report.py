@@ -1,4 +1,5 @@
-"""Reports: ``report.json`` (schema in the README), ``report.md`` and the scaling-curve PNG."""
+"""Reports: ``report.json`` (schema in the README), ``report.md``, the scaling-curve PNG and a heat map of
+the merged accuracy (method × space, unprotected vs protected)."""
 
 from __future__ import annotations
 
@@ -107,10 +108,59 @@ def plot_scaling_curve(report: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
+def plot_merge_heatmap(report: dict[str, Any], path: str | Path) -> bool:
+    """Mean merged accuracy (global search), methods × spaces, one panel per pool; False if no cells."""
+    cells = [a for a in report["attacks"] if a["search"] == "global"]
+    if not cells:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    methods = list(dict.fromkeys(a["method"] for a in cells))
+    spaces = list(dict.fromkeys(a["space"] for a in cells))
+    zs = 100 * report["zero_shot"]["mean"]
+    grids = {}
+    for prot in (False, True):
+        g = np.full((len(methods), len(spaces)), np.nan)
+        for a in cells:
+            if a["protected"] == prot:
+                g[methods.index(a["method"]), spaces.index(a["space"])] = 100 * a["acc"]["mean"]
+        grids[prot] = g
+    values = np.concatenate([g.ravel() for g in grids.values()])
+    norm = TwoSlopeNorm(vcenter=zs, vmin=min(np.nanmin(values), zs - 1), vmax=max(np.nanmax(values), zs + 1))
+    fig, axes = plt.subplots(
+        1, 2, figsize=(max(6.0, 2.2 + 2.6 * len(spaces)), 1.5 + 0.5 * len(methods)), dpi=120
+    )
+    for ax, prot in zip(axes, (False, True), strict=True):
+        ax.imshow(grids[prot], cmap="RdYlGn", norm=norm, aspect="auto")
+        ax.set_xticks(range(len(spaces)), spaces)
+        ax.set_yticks(range(len(methods)), methods)
+        ax.set_title("with Trap²" if prot else "unprotected", fontsize=9)
+        for i in range(len(methods)):
+            for j in range(len(spaces)):
+                v = grids[prot][i, j]
+                ax.text(j, i, "–" if np.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=8)
+    fig.suptitle(
+        f"{report['suite']}: mean merged accuracy (%)\n{report['target']} protected; zero-shot {zs:.1f} = yellow",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
 def write_report(report: dict[str, Any], out: str | Path) -> dict[str, Path]:
     out = Path(out)
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "scaling_curve.png"}
     write_json(paths["json"], report)
     write_text(paths["md"], markdown(report))
     plot_scaling_curve(report, paths["png"])
+    if plot_merge_heatmap(report, out / "merge_heatmap.png"):
+        paths["heatmap"] = out / "merge_heatmap.png"
     return paths

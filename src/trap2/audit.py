@@ -1,0 +1,75 @@
+"""``trap2 audit``: how well is a released update protected?
+
+For the update (a PEFT folder or ``delta.safetensors`` made on a suite's backbone): its standalone
+accuracy, its scaling curve acc(s) against the same task's unprotected update, and the attack matrix
+(every configured method × space, coefficient searched on validation) against a pool of other tasks'
+updates — those given with ``--pool``, the rest the suite's unprotected updates (trained once, cached).
+The report is the demo's (``report.json`` / ``.md``, the scaling curve and a merge heat map).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from trap2.config import ObjectiveConfig
+from trap2.demo import DemoConfig, evaluate_protection, trained_update
+from trap2.errors import ConfigError
+from trap2.progress import LogReporter, Reporter
+from trap2.suites import get_suite
+from trap2.updates import Update, load_update
+
+
+def _task_of(update: Update, where: str, tasks: Sequence[str]) -> str:
+    task = update.meta.get("task")
+    if task is None:
+        raise ConfigError(f"{where}: the update does not record its task; pass --task")
+    if task not in tasks:
+        raise ConfigError(f"{where}: made for task {task!r}, not one of {', '.join(tasks)}")
+    return task
+
+
+def run_audit(
+    update_path: str | Path,
+    cfg: DemoConfig,
+    out: str | Path,
+    task: str | None = None,
+    pool: Sequence[str | Path] = (),
+    fresh: bool = False,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    reporter = reporter or LogReporter()
+    out = Path(out)
+    suite = get_suite(cfg.suite)
+    tasks = suite.task_names
+    audited = load_update(update_path)
+    fp = audited.meta.get("base_fingerprint")
+    if fp and fp != suite.fingerprint:
+        raise ConfigError(f"{update_path}: made for another base ({fp[:12]}…), not suite {suite.name!r}")
+    if task is not None:
+        suite.task(task)  # validates the name
+    target = task or _task_of(audited, str(update_path), tasks)
+
+    given: dict[str, Update] = {}
+    for p in pool:
+        u = load_update(p)
+        t = _task_of(u, str(p), tasks)
+        if t in given:
+            raise ConfigError(f"--pool: two updates for task {t!r}")
+        given[t] = u
+    plain_cfg = dataclasses.replace(cfg.train, objective=ObjectiveConfig(name="none"))
+    cache = out / "updates"
+    updates = {
+        t: given[t] if t in given else trained_update(suite, t, plain_cfg, cache, fresh, reporter)
+        for t in tasks
+    }
+    extra = {
+        "audited": str(update_path),
+        "audited_meta": audited.meta,
+        "pool": {t: ("given" if t in given else "trained") for t in tasks},
+    }
+    return evaluate_protection(suite, target, updates, audited, cfg, out, reporter, t0, extra)
