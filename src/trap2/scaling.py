@@ -204,7 +204,8 @@ class ScaledModel:
     def forward_split(self, x: torch.Tensor, n_nominal: int, scales: torch.Tensor) -> torch.Tensor:
         """One pass: samples [:n_nominal] at s = 1, the rest at ``scales`` (one per remaining sample).
 
-        LoRA applies a scale per sample; full fine-tuning runs the two parts as two half-size forwards, so it takes the first scale for the whole off-nominal part.
+        LoRA applies a scale per sample; full fine-tuning runs the two parts as two half-size forwards,
+        so it takes the first scale for the whole off-nominal part.
         """
         if self.kind == "lora":
             s = torch.cat([torch.ones(n_nominal, device=x.device), scales.to(x.device)])

@@ -35,7 +35,7 @@ from trap2.config import ObjectiveConfig, to_dict
 from trap2.errors import ConfigError, TrainingError
 from trap2.objectives.base import same_random_draws
 from trap2.objectives.trap2 import bounded, sample_scales, scale_weight
-from trap2.scaling import FullScaler, base_params, check_scalable_lora, lora_layers, lora_scale
+from trap2.scaling import ScaledModel, base_params, lora_layers
 from trap2.training.loop import DIVERGENCE
 from trap2.updates import Update
 
@@ -130,17 +130,11 @@ class Trap2Mixin:
             )
         model = self.model
         self.trap2_mode = "lora" if lora_layers(model) else "full"
-        if self.trap2_mode == "lora":
-            check_scalable_lora(model)
-            self._trap2_w0: dict[str, torch.Tensor] | None = None
-            self._trap2_full: FullScaler | None = None
-        else:
-            self._trap2_w0 = base_params(model)  # W0, kept once
-            if not self._trap2_w0:
-                raise ConfigError(
-                    "the model has no trainable parameters and no LoRA layers: nothing to protect"
-                )
-            self._trap2_full = FullScaler(model, self._trap2_w0)
+        w0 = base_params(model) if self.trap2_mode == "full" else None  # W0, kept once
+        if w0 == {}:
+            raise ConfigError("the model has no trainable parameters and no LoRA layers: nothing to protect")
+        # the library's scaled model: LoRA checks and scaling, or full fine-tuning's per-layer scaler
+        self._trap2_scaled = ScaledModel(model, self.trap2_mode, w0)
         self.trap2_config = targs.objective_config(self.trap2_mode)
         self._trap2_seed = targs.seed if targs.trap2_seed is None else targs.trap2_seed
         self._trap2_metrics: dict[str, list[float]] = defaultdict(list)
@@ -158,10 +152,9 @@ class Trap2Mixin:
         return sample_scales(self.trap2_config, self.trap2_config.n_samples, gen)
 
     def trap2_scaled(self, model: nn.Module, s: float) -> Any:
-        """Context in which ``model`` computes with W0 + s·ΔW."""
-        if self.trap2_mode == "lora":
-            return lora_scale(model, s)
-        return self._trap2_full.scale(s)
+        """Context in which ``model`` (the trainer's model, or a DDP/FSDP wrapper of it: they share the
+        layers that are scaled) computes with W0 + s·ΔW."""
+        return self._trap2_scaled.scale(s)
 
     def compute_loss(
         self,
@@ -287,7 +280,7 @@ class Trap2Mixin:
         if prefix is None:
             raise ConfigError("save_update: `module` is not part of the trained model")
         cut = f"{prefix}." if prefix else ""
-        w0 = {n[len(cut) :]: t for n, t in self._trap2_w0.items() if n.startswith(cut)}
+        w0 = {n[len(cut) :]: t for n, t in self._trap2_scaled.w0.items() if n.startswith(cut)}
         now = dict(module.named_parameters())
         return Update.from_full(now, w0, meta=info).save(path)
 
