@@ -14,7 +14,7 @@ import hashlib
 import torch
 
 from trap2.merging.registry import HParam, merge_method
-from trap2.merging.ties import disjoint_mean, trim
+from trap2.merging.ties import disjoint_mean, keep_percent, trim
 
 P_GRID = (1e-5, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
 
@@ -69,13 +69,7 @@ def dare(deltas: list[torch.Tensor], p: float, seed: int, seeds: list[int] | Non
     reference="Yu et al., ICML 2024, arXiv:2311.03099; Yadav et al., NeurIPS 2023",
     hparams={
         "p": _P,
-        "k": HParam(
-            100.0,
-            "percent kept by the TIES trim after DARE",
-            lambda v: 0 < v <= 100,
-            "(0, 100]",
-            grid=(100, 90, 80, 70, 60, 50, 40, 30, 20, 10),
-        ),
+        "k": keep_percent(100.0, "percent kept by the TIES trim after DARE"),
         "seed": _SEED,
         "seeds": _SEEDS,
     },

@@ -35,18 +35,19 @@ def disjoint_mean(trimmed: torch.Tensor) -> torch.Tensor:
     return (trimmed * agree).sum(0) / count
 
 
+def keep_percent(default: float, help: str) -> HParam:
+    """The TIES trim's k: percent of entries kept, in (0, 100], searched over 100, 90, …, 10."""
+    return HParam(
+        default, help, lambda v: 0 < v <= 100, "(0, 100]", grid=(100, 90, 80, 70, 60, 50, 40, 30, 20, 10)
+    )
+
+
 @merge_method(
     "ties",
     summary="trim to top-k % magnitudes, elect sign, disjoint mean",
     reference="Yadav et al., NeurIPS 2023, arXiv:2306.01708",
     hparams={
-        "k": HParam(
-            20.0,
-            "percent of entries kept per task",
-            lambda v: 0 < v <= 100,
-            "(0, 100]",
-            grid=(100, 90, 80, 70, 60, 50, 40, 30, 20, 10),
-        ),
+        "k": keep_percent(20.0, "percent of entries kept per task"),
         "scope": HParam(
             "tensor",
             "trim within each 'tensor' or over the whole 'model'",
