@@ -50,13 +50,23 @@ def cifar_fixture(folder, n=6, broken=False):
     ]
     if broken:
         examples[2]["input"] = "not base64 png"
-    blob = json.dumps({"name": "cifar10_classification", "examples": examples}).encode()
+    sdist = write_sdist(
+        folder, {sources.CIFAR_TASK: {"name": "cifar10_classification", "examples": examples}}
+    )
+    return sdist, images
+
+
+def write_sdist(folder, tasks):
+    """A bigbench-1.0.0.tar.gz holding ``tasks`` ({task path: task.json content}) and one unrelated file."""
     sdist = folder / sources.BIGBENCH_SDIST
     with tarfile.open(sdist, "w:gz") as tar:
-        info = tarfile.TarInfo(sources.CIFAR_MEMBER)
-        info.size = len(blob)
-        tar.addfile(info, io.BytesIO(blob))
-    return sdist, images
+        for name, task in {"README": None, **tasks}.items():
+            blob = b"readme" if task is None else json.dumps(task).encode()
+            path = f"bigbench-1.0.0/{name}" if task is None else f"{sources.BIGBENCH_TASKS}{name}/task.json"
+            info = tarfile.TarInfo(path)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return sdist
 
 
 def test_idx_and_fashion_mnist(tmp_path):

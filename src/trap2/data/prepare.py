@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,11 @@ SPLIT_SEED = 20261123
 
 def data_dir() -> Path:
     return Path(os.environ.get("TRAP2_DATA") or Path.home() / ".cache" / "trap2")
+
+
+def bigbench_source() -> Path:
+    """Where the BIG-bench sdist is looked for: ``$TRAP2_BIGBENCH`` or the data cache's bigbench/."""
+    return Path(os.environ.get("TRAP2_BIGBENCH") or data_dir() / "bigbench")
 
 
 @dataclass(frozen=True)
@@ -58,16 +64,28 @@ def split_indices(n: int, sizes: tuple[int, int, int], seed: int) -> tuple[np.nd
     return perm[:a], perm[a:b], perm[b : b + sizes[2]]
 
 
-def prepare_task(suite: str, task: TaskSource, size: int, folder: Path | None = None) -> Path:
-    """Write ``<folder>/<suite>/<task>-<size>px.safetensors`` (x_/y_ train, val, test)."""
-    out = (folder or data_dir()) / suite / f"{task.name}-{size}px.safetensors"
+def prepare_task(
+    suite: str,
+    task: TaskSource,
+    size: int,
+    folder: Path | None = None,
+    encode: Callable[[Any], torch.Tensor] | None = None,
+    unit: str = "px",
+) -> Path:
+    """Write ``<folder>/<suite>/<task>-<size><unit>.safetensors`` (x_/y_ train, val, test).
+
+    ``encode`` turns a split's raw inputs into the stored tensor: images resized to ``size`` px by
+    default; a tokenizer to ``size`` tokens for text (``unit="tok"``).
+    """
+    out = (folder or data_dir()) / suite / f"{task.name}-{size}{unit}.safetensors"
     x, y = task.load()
     if len(x) != len(y):
-        raise DataError(f"{task.name}: {len(x)} images but {len(y)} labels")
+        raise DataError(f"{task.name}: {len(x)} inputs but {len(y)} labels")
+    encode = encode or (lambda images: to_rgb(images, size))
     parts = split_indices(len(y), (task.n_train, task.n_val, task.n_test), SPLIT_SEED)
     tensors = {}
     for split, idx in zip(("train", "val", "test"), parts, strict=True):
-        tensors[f"x_{split}"] = to_rgb(x[idx], size)
+        tensors[f"x_{split}"] = encode(x[idx])
         tensors[f"y_{split}"] = torch.from_numpy(y[idx].astype(np.int64))
     meta = {
         "task": task.name,
@@ -80,9 +98,9 @@ def prepare_task(suite: str, task: TaskSource, size: int, folder: Path | None = 
 
 
 def load_prepared(
-    suite: str, task: str, size: int, folder: Path | None = None
+    suite: str, task: str, size: int, folder: Path | None = None, unit: str = "px"
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    path = (folder or data_dir()) / suite / f"{task}-{size}px.safetensors"
+    path = (folder or data_dir()) / suite / f"{task}-{size}{unit}.safetensors"
     if not path.is_file():
         raise DataError(f"{suite}/{task} is not prepared ({path} missing): run  trap2 data prepare {suite}")
     tensors, header = load_tensors(path)

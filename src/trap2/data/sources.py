@@ -20,6 +20,7 @@ import json
 import os
 import struct
 import tarfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,6 @@ from trap2.errors import DataError
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
-CIFAR_MEMBER = "bigbench-1.0.0/bigbench/benchmark_tasks/cifar10_classification/base64/task.json"
 Arrays = tuple[np.ndarray, np.ndarray]
 
 
@@ -89,37 +89,94 @@ def fashion_mnist(root: str | os.PathLike[str] = FASHION_ROOT) -> Arrays:
     return np.concatenate([xtr, xte]), np.concatenate([ytr, yte]).astype(np.int64)
 
 
-def _cifar_json(source: Path) -> dict:
-    if source.is_dir():
-        candidates = [source / CIFAR_MEMBER, source / "task.json", source / BIGBENCH_SDIST]
-        source = next((c for c in candidates if c.exists()), source / BIGBENCH_SDIST)
-    if not source.exists():
-        raise DataError(
-            f"BIG-bench's CIFAR-10 not found at {source}: run  trap2 data prepare vision-cnn --download  (or "
-            "pip download --no-deps bigbench==1.0.0 -d DIR and pass DIR; the sdist is read, never installed)"
-        )
+BIGBENCH_TASKS = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+CIFAR_TASK = "cifar10_classification/base64"
+GET_BIGBENCH = (
+    "run  trap2 data prepare SUITE --download  (or  pip download --no-deps bigbench==1.0.0 -d DIR  and pass "
+    "DIR; the sdist is read, never installed)"
+)
+
+
+def _read_json(raw: bytes | str, where: object) -> dict:
     try:
-        if source.name.endswith((".tar.gz", ".tgz")):
-            with tarfile.open(source, "r:gz") as tar:
-                member = tar.extractfile(CIFAR_MEMBER)
-                if member is None:
-                    raise DataError(f"{source}: {CIFAR_MEMBER} is not a file")
-                return json.load(member)
-        return json.loads(source.read_text())
-    except KeyError:
-        raise DataError(f"{source}: has no {CIFAR_MEMBER}") from None
-    except (OSError, tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{source}: not a readable BIG-bench sdist or task.json ({e})") from None
+        task = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: not a readable BIG-bench task.json ({e})") from None
+    if not isinstance(task, dict):
+        raise DataError(f"{where}: not a BIG-bench task.json (no object at the top)")
+    return task
+
+
+def read_bigbench(source: str | os.PathLike[str], tasks: Sequence[str]) -> dict[str, dict]:
+    """The ``task.json`` of each BIG-bench task (``"hyperbaton"``, ``"multiemo/all_sentence_en"``).
+
+    ``source``: the ``bigbench-1.0.0.tar.gz`` sdist (read in one streaming pass, never installed), a
+    folder holding it or an extracted copy (``bigbench-1.0.0/bigbench/benchmark_tasks/<task>/task.json``
+    or ``<task>/task.json``), or, for a single task, its ``task.json``.
+    """
+    source = Path(source)
+    if source.is_dir():
+        found: dict[str, dict] = {}
+        for t in tasks:
+            candidates = [source / BIGBENCH_TASKS / t / "task.json", source / t / "task.json"]
+            if len(tasks) == 1:
+                candidates.append(source / "task.json")
+            hit = next((c for c in candidates if c.is_file()), None)
+            if hit is not None:
+                found[t] = _read_json(hit.read_bytes(), hit)
+        if len(found) == len(tasks):
+            return found
+        source = source / BIGBENCH_SDIST
+    if not source.exists():
+        raise DataError(f"BIG-bench tasks {', '.join(tasks)} not found at {source}: {GET_BIGBENCH}")
+    if not source.name.endswith((".tar.gz", ".tgz")):
+        if len(tasks) != 1:
+            raise DataError(f"{source}: one task.json cannot hold the tasks {', '.join(tasks)}")
+        return {tasks[0]: _read_json(source.read_bytes(), source)}
+    wanted = {f"{BIGBENCH_TASKS}{t}/task.json": t for t in tasks}
+    out: dict[str, dict] = {}
+    try:
+        with tarfile.open(source, "r|gz") as tar:
+            for member in tar:
+                if member.name in wanted and member.isfile():
+                    f = tar.extractfile(member)
+                    assert f is not None  # a regular file
+                    out[wanted[member.name]] = _read_json(f.read(), f"{source}:{member.name}")
+                    if len(out) == len(wanted):
+                        break
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise DataError(f"{source}: not a readable BIG-bench sdist ({e})") from None
+    missing = [t for t in tasks if t not in out]
+    if missing:
+        raise DataError(f"{source}: has no BIG-bench task {', '.join(missing)}")
+    return out
+
+
+def bigbench_examples(task: dict, where: str) -> list[dict]:
+    examples = task.get("examples")
+    if not isinstance(examples, list) or not examples:
+        raise DataError(f"{where}: the BIG-bench task has no examples")
+    return examples
+
+
+def bigbench_label(example: dict, where: str) -> str:
+    """The gold class of an example: the best of ``target_scores``, else the first ``target``."""
+    scores = example.get("target_scores")
+    if isinstance(scores, dict) and scores:
+        return str(max(scores, key=scores.get))
+    target = example.get("target")
+    if isinstance(target, list) and target:
+        return str(target[0])
+    if isinstance(target, str):
+        return target
+    raise DataError(f"{where}: an example has neither target_scores nor target")
 
 
 def cifar10(source: str | os.PathLike[str]) -> Arrays:
     """The 10,000 CIFAR-10 test images from BIG-bench (``source``: the sdist, a folder, or task.json)."""
     from PIL import Image, UnidentifiedImageError
 
-    task = _cifar_json(Path(source))
-    examples = task.get("examples") or []
-    if not examples:
-        raise DataError(f"{source}: the CIFAR-10 task has no examples")
+    examples = bigbench_examples(read_bigbench(source, [CIFAR_TASK])[CIFAR_TASK], str(source))
     classes = list(examples[0]["target_scores"])
     images, labels = [], []
     for i, e in enumerate(examples):
@@ -128,8 +185,27 @@ def cifar10(source: str | os.PathLike[str]) -> Arrays:
         except (KeyError, ValueError, UnidentifiedImageError) as err:
             raise DataError(f"{source}: example {i} is not a base64 PNG ({err})") from None
         images.append(np.asarray(img, dtype=np.uint8))
-        scores = e["target_scores"]
-        labels.append(classes.index(max(scores, key=scores.get)))
+        labels.append(classes.index(bigbench_label(e, str(source))))
     if len({im.shape for im in images}) != 1:
         raise DataError(f"{source}: images differ in size")
     return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def bigbench_text(
+    task: dict, where: str, clean: Callable[[str], str] | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A BIG-bench classification task as ``(texts, labels, classes)``: texts an object array of str
+    (``clean`` applied to each input), labels int64 indices into the sorted class names."""
+    examples = bigbench_examples(task, where)
+    texts, names = [], []
+    for e in examples:
+        text = e.get("input")
+        if not isinstance(text, str):
+            raise DataError(f"{where}: an example's input is not text")
+        texts.append(clean(text) if clean else text)
+        names.append(bigbench_label(e, where))
+    classes = sorted(set(names))
+    if len(classes) < 2:
+        raise DataError(f"{where}: fewer than two classes")
+    index = {c: i for i, c in enumerate(classes)}
+    return np.asarray(texts, dtype=object), np.asarray([index[n] for n in names], np.int64), classes

@@ -18,7 +18,7 @@ from trap2.errors import ConfigError
 from trap2.hf.models import task_examples, task_model
 from trap2.hf.trainer import Trap2Trainer, Trap2TrainingArguments
 from trap2.suites.base import Suite
-from trap2.training.loop import wrap_lora
+from trap2.training.loop import trainable_backbone
 from trap2.updates import Update, load_update
 
 
@@ -61,11 +61,7 @@ def train_with_trainer(
     """Fine-tune ``task_name`` with ``cfg`` through ``Trap2Trainer``; return the update and the trainer."""
     task = suite.task(task_name)
     torch.manual_seed(cfg.seed)  # the LoRA initialisation, as in the built-in loop
-    backbone = suite.make_backbone()
-    if cfg.mode == "lora":
-        backbone = wrap_lora(backbone, suite, cfg)
-    else:
-        backbone.requires_grad_(True)
+    backbone = trainable_backbone(suite, cfg)
     model = task_model(backbone, task)
     args = training_arguments(cfg, output_dir, **overrides)
     trainer = Trap2Trainer(model=model, args=args, train_dataset=task_examples(task, "train"))

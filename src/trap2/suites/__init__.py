@@ -29,6 +29,15 @@ def _vision_cnn() -> Suite:
 SUITES.register("vision-cnn", _vision_cnn)
 
 
+def _text_transformer() -> Suite:
+    from trap2.suites.text_transformer import build_suite
+
+    return build_suite()
+
+
+SUITES.register("text-transformer", _text_transformer)
+
+
 def get_suite(name: str) -> Suite:
     builder = SUITES.get(name)
     if name not in _BUILT:

@@ -74,6 +74,10 @@ class Suite:
     default_target: str
     fingerprint: str  # sha256 of the backbone weights: recorded in every update made on this suite
     info: dict[str, object] = field(default_factory=dict)
+    # parameter-name prefixes that full fine-tuning leaves at W0 (e.g. a large word-embedding table)
+    full_frozen: tuple[str, ...] = ()
+    # the suite's training recipe per mode for ``trap2 bench``: TrainConfig fields over the defaults
+    recipes: dict[str, dict[str, object]] = field(default_factory=dict)
 
     def task(self, name: str) -> Task:
         try:

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from trap2.data import sources
-from trap2.data.prepare import TaskSource, data_dir, load_prepared, prepare_task
+from trap2.data.prepare import TaskSource, bigbench_source, load_prepared, prepare_task
 from trap2.io import file_sha256
 from trap2.suites.base import Split, Suite, Task, prototype_head
 from trap2.suites.efficientnet import load_efficientnet_lite0, normalise, weights_path
@@ -29,11 +29,11 @@ NAME = "vision-cnn"
 IMAGE_SIZE = 32
 LOGIT_SCALE = 100.0
 LORA_TARGETS = ("_expand_conv", "_project_conv", "_conv_head")
-
-
-def bigbench_source() -> Path:
-    """Where the BIG-bench sdist is looked for: ``$TRAP2_BIGBENCH`` or the data cache's bigbench/."""
-    return Path(os.environ.get("TRAP2_BIGBENCH") or data_dir() / "bigbench")
+# ``trap2 bench`` settings (TrainConfig fields): lr 1e-3 diverges in full fine-tuning, 1e-4 works
+RECIPES: dict[str, dict[str, object]] = {
+    "lora": {"steps": 600, "batch_size": 32, "lr": 2e-3, "warmup_steps": 30, "checkpoint_every": 100},
+    "full": {"steps": 600, "batch_size": 32, "lr": 1e-4, "warmup_steps": 30, "checkpoint_every": 100},
+}
 
 
 def task_sources(bigbench: str | os.PathLike[str] | None = None) -> list[TaskSource]:
@@ -74,4 +74,5 @@ def build_suite(folder: Path | None = None) -> Suite:
         default_target="cifar10",
         fingerprint=file_sha256(weights_path()),
         info={"backbone": "EfficientNet-Lite0 (ImageNet)", "image_size": IMAGE_SIZE},
+        recipes=RECIPES,
     )

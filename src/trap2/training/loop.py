@@ -81,6 +81,17 @@ def wrap_lora(backbone: torch.nn.Module, suite: Suite, cfg: TrainConfig) -> torc
         raise ConfigError(f"LoRA could not be applied: {str(e).splitlines()[0]}") from None
 
 
+def trainable_backbone(suite: Suite, cfg: TrainConfig) -> torch.nn.Module:
+    """A fresh backbone ready for ``cfg.mode``: LoRA-wrapped, or every parameter trainable apart from
+    the suite's ``full_frozen`` ones (which stay at W0 and out of ΔW)."""
+    backbone = suite.make_backbone()
+    if cfg.mode == "lora":
+        return wrap_lora(backbone, suite, cfg)
+    for name, p in backbone.named_parameters():
+        p.requires_grad_(not name.startswith(suite.full_frozen) if suite.full_frozen else True)
+    return backbone
+
+
 DIVERGENCE = 1e3  # an off-nominal loss above this is reported: the trap term is running away
 
 
@@ -105,12 +116,8 @@ def train_update(
     gen = torch.Generator().manual_seed(cfg.seed)  # data order: the same for every objective
     scale_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the objective's own draws (scales s)
 
-    backbone = suite.make_backbone()
+    backbone = trainable_backbone(suite, cfg)
     w0 = None
-    if cfg.mode == "lora":
-        backbone = wrap_lora(backbone, suite, cfg)
-    else:
-        backbone.requires_grad_(True)
     model = TaskModel(backbone, task.head).to(device)
     if cfg.mode == "full":
         w0 = base_params(model)  # W0, kept once

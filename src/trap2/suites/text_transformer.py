@@ -1,0 +1,125 @@
+"""Suite ``text-transformer``: the all-MiniLM-L6-v2 sentence encoder (a pretrained Transformer) on four
+real English text classification tasks from BIG-bench 1.0.0, read from its sdist without installing it.
+
+| task | BIG-bench task | classes | train / val / test |
+|---|---|---|---|
+| sentiment | ``multiemo/all_sentence_en`` (review sentence → polarity) | 4 | 2000 / 500 / 1000 |
+| question_type | ``natural_instructions/subtask046…`` (QA pair → answer type) | 13 | 2000 / 500 / 1000 |
+| hyperbaton | ``hyperbaton`` (which of two has the right adjective order) | 2 | 2000 / 500 / 1000 |
+| fever | ``fact_checker/fever`` (is a Wikipedia claim true) | 2 | 2000 / 500 / 1000 |
+
+Chosen where fine-tuning clearly beats the pretrained encoder with prototype heads (LoRA, 300 steps:
+53.6 → 64.7, 47.1 → 61.4, 52.1 → 95.7, 62.0 → 72.4 % test); ``intent_recognition`` was left out because
+the pretrained encoder already reaches 91.5 % on it.
+
+Training sets are subsampled (fixed seed) so the whole bench fits a CPU budget. Texts are tokenised once
+into ``MAX_LEN`` tokens. Each task's frozen head holds class-mean prototypes of W0 sentence embeddings on
+its own training split (no test labels). LoRA targets query/key/value and the dense layers; full
+fine-tuning keeps the word-embedding table at W0. Prepare the data once with
+``trap2 data prepare text-transformer``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from trap2.data import sources
+from trap2.data.prepare import TaskSource, bigbench_source, load_prepared, prepare_task
+from trap2.io import file_sha256
+from trap2.suites.base import Split, Suite, Task, prototype_head
+from trap2.suites.minilm import FULL_FROZEN, encode_texts, load_encoder, weights_file
+
+NAME = "text-transformer"
+MAX_LEN = 32
+LOGIT_SCALE = 50.0
+LORA_TARGETS = ("query", "key", "value", "dense")
+
+
+def _after_last(marker: str) -> Callable[[str], str]:
+    def clean(text: str) -> str:
+        i = text.rfind(marker)
+        return text[i:] if i >= 0 else text
+
+    return clean
+
+
+def _strip_prefix(prefix: str) -> Callable[[str], str]:
+    def clean(text: str) -> str:
+        text = text.strip()
+        return text[len(prefix) :].strip() if text.startswith(prefix) else text
+
+    return clean
+
+
+# name: (BIG-bench task, how its input is cleaned, train / val / test sizes)
+TASK_TABLE: dict[str, tuple[str, Callable[[str], str], tuple[int, int, int]]] = {
+    "sentiment": ("multiemo/all_sentence_en", str.strip, (2000, 500, 1000)),
+    "question_type": (
+        "natural_instructions/subtask046_miscellaenous_question_typing",
+        _after_last("Question:"),
+        (2000, 500, 1000),
+    ),
+    "hyperbaton": (
+        "hyperbaton",
+        _strip_prefix("Which sentence has the correct adjective order:"),
+        (2000, 500, 1000),
+    ),
+    "fever": ("fact_checker/fever", _after_last("claim was made:"), (2000, 500, 1000)),
+}
+TASKS = tuple(TASK_TABLE)
+
+
+def task_sources(
+    bigbench: str | os.PathLike[str] | None = None, sizes: Mapping[str, tuple[int, int, int]] | None = None
+) -> list[TaskSource]:
+    """The four tasks, read from BIG-bench in one pass over the sdist (``sizes`` overrides the splits)."""
+    bb = Path(bigbench) if bigbench is not None else bigbench_source()
+    raw = sources.read_bigbench(bb, [bb_name for bb_name, _, _ in TASK_TABLE.values()])
+    out = []
+    for name, (bb_name, clean, split_sizes) in TASK_TABLE.items():
+        texts, labels, classes = sources.bigbench_text(raw[bb_name], f"{bb}:{bb_name}", clean)
+        out.append(
+            TaskSource(
+                name,
+                lambda texts=texts, labels=labels: (texts, labels),
+                *(sizes or {}).get(name, split_sizes),
+                f"BIG-bench {bb_name} ({len(classes)} classes: {', '.join(classes)})",
+            )
+        )
+    return out
+
+
+def prepare(
+    bigbench: str | os.PathLike[str] | None = None,
+    folder: Path | None = None,
+    sizes: Mapping[str, tuple[int, int, int]] | None = None,
+) -> list[Path]:
+    def encode(texts):
+        return encode_texts(texts, MAX_LEN)
+
+    return [prepare_task(NAME, t, MAX_LEN, folder, encode, "tok") for t in task_sources(bigbench, sizes)]
+
+
+def build_suite(folder: Path | None = None) -> Suite:
+    backbone = load_encoder()
+    tasks = {}
+    for name in TASKS:
+        tensors, meta = load_prepared(NAME, name, MAX_LEN, folder, "tok")
+        splits = {s: Split(tensors[f"x_{s}"], tensors[f"y_{s}"]) for s in ("train", "val", "test")}
+        n_classes = int(meta.get("n_classes", int(splits["train"].y.max()) + 1))
+        head = prototype_head(backbone, splits["train"], n_classes, LOGIT_SCALE)
+        tasks[name] = Task(
+            name, n_classes, splits["train"], splits["val"], splits["test"], head, meta.get("source", "")
+        )
+    return Suite(
+        name=NAME,
+        tasks=tasks,
+        make_backbone=load_encoder,
+        lora_targets=LORA_TARGETS,
+        default_target="hyperbaton",
+        fingerprint=file_sha256(weights_file()),
+        full_frozen=FULL_FROZEN,
+        info={"backbone": "all-MiniLM-L6-v2 (sentence-transformers)", "max_len": MAX_LEN},
+    )
