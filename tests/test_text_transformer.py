@@ -106,7 +106,7 @@ def test_suite_loads_offline(suite):
     assert t.train.x.dtype == torch.int64 and len(t.val) == 4 and len(t.test) == 8
     ids, mask = t.train.x[:, 0], t.train.x[:, 1]
     assert bool((ids[:, 0] == 101).all())  # [CLS]
-    assert bool(((mask[:, 1:] <= mask[:, :-1])).all())  # right padding
+    assert bool((mask[:, 1:] <= mask[:, :-1]).all())  # right padding
     assert suite.full_frozen == minilm.FULL_FROZEN and suite.default_target == "hyperbaton"
 
 
@@ -144,7 +144,9 @@ def test_protected_lora_and_full_steps_train_the_right_parameters(suite):
     assert names and {n.split(".")[-2] for n in names} == set(text_transformer.LORA_TARGETS)
     assert not any("head" in n for n in names)
     full = train_update(
-        suite, "hyperbaton", TrainConfig(mode="full", steps=2, batch_size=4, eval_every=2, lr=1e-4, objective=obj)
+        suite,
+        "hyperbaton",
+        TrainConfig(mode="full", steps=2, batch_size=4, eval_every=2, lr=1e-4, objective=obj),
     )
     dense = full.update.dense()
     assert not any(n.startswith(minilm.FULL_FROZEN) for n in dense)  # the word table stays at W0

@@ -236,16 +236,53 @@ def audit(
     from trap2.progress import RichReporter
 
     _threads(threads)
-
-    def split(v: str | None) -> list[str] | None:
-        return None if v is None else [x.strip() for x in v.split(",") if x.strip()]
-
     cfg = _demo_config(
-        config, suite=suite, steps=steps, mode=mode, methods=split(methods), spaces=split(spaces)
+        config, suite=suite, steps=steps, mode=mode, methods=_csv(methods), spaces=_csv(spaces)
     )
     with RichReporter() as reporter:
         report = run_audit(update, cfg, out, task=task, pool=pool or (), fresh=fresh, reporter=reporter)
     _print_summary(report, f"trap2 audit: {update} ({report['suite']}/{report['target']})", out)
+
+
+def _csv(v: str | None) -> list[str] | None:
+    return None if v is None else [x.strip() for x in v.split(",") if x.strip()]
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="output folder (bench.md/json, <mode>/<target>/, updates/)")],
+    suite: Annotated[str | None, typer.Option(help="suite (default: digits)")] = None,
+    modes: Annotated[str | None, typer.Option(help="comma-separated: lora,full (default: both)")] = None,
+    targets: Annotated[
+        str | None,
+        typer.Option(help="comma-separated tasks protected in turn, or 'all' (default: the suite's target)"),
+    ] = None,
+    methods: Annotated[
+        str | None, typer.Option(help="comma-separated merge methods (default: ta,ties,tsv,cart)")
+    ] = None,
+    spaces: Annotated[str | None, typer.Option(help="comma-separated merge spaces (default: full)")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="redo every cell and retrain every update")] = False,
+    config: ConfigOpt = None,
+    threads: Threads = 0,
+) -> None:
+    """The paper's experiment on a suite: LoRA and full, unprotected vs protected, the whole matrix.
+
+    Resumable: finished cells and trained updates are reused; an interrupted training run resumes from
+    its last checkpoint."""
+    from trap2.bench import BenchConfig, run_bench
+    from trap2.config import from_dict, load_yaml
+    from trap2.progress import RichReporter
+
+    _threads(threads)
+    raw = load_yaml(config) if config else {}
+    given = {"suite": suite, "modes": _csv(modes), "targets": _csv(targets)}
+    given.update(methods=_csv(methods), spaces=_csv(spaces))
+    raw.update({k: v for k, v in given.items() if v is not None})
+    cfg = from_dict(BenchConfig, raw, "bench")
+    with RichReporter() as reporter:
+        summary = run_bench(cfg, out, fresh=fresh, reporter=reporter)
+    typer.echo((out / "bench.md").read_text())
+    typer.echo(f"bench: {out / 'bench.md'}  ({summary['wall_seconds_this_run']:.0f} s this run)")
 
 
 @app.command()
@@ -328,7 +365,7 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("prepare")
 def data_prepare(
-    suite: Annotated[str, typer.Argument(help="suite whose data to prepare: vision-cnn")],
+    suite: Annotated[str, typer.Argument(help="suite whose data to prepare: vision-cnn, text-transformer")],
     bigbench: Annotated[
         Path | None,
         typer.Option(
@@ -341,20 +378,20 @@ def data_prepare(
     ] = False,
 ) -> None:
     """Read each task's source once and write fixed train/val/test subsets to the cache ($TRAP2_DATA)."""
-    from trap2.data.prepare import data_dir
-
-    if suite != "vision-cnn":
-        raise UnknownNameError(f"no data to prepare for suite {suite!r}; valid: vision-cnn")
     from trap2.data import sources
-    from trap2.suites import vision_cnn
+    from trap2.data.prepare import bigbench_source, data_dir
+    from trap2.suites import text_transformer, vision_cnn
 
-    bb = bigbench or vision_cnn.bigbench_source()
+    preparers = {"vision-cnn": vision_cnn.prepare, "text-transformer": text_transformer.prepare}
+    if suite not in preparers:
+        raise UnknownNameError(f"no data to prepare for suite {suite!r}; valid: {', '.join(preparers)}")
+    bb = bigbench or bigbench_source()
     if download and not (bb / sources.BIGBENCH_SDIST).exists() and not bb.is_file():
         bb.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "bigbench==1.0.0", "-d", str(bb)]
         typer.echo("$ " + " ".join(cmd))
         subprocess.run(cmd, check=True)
-    for path in vision_cnn.prepare(bb):
+    for path in preparers[suite](bb):
         typer.echo(f"wrote {path}")
     typer.echo(f"cache: {data_dir() / suite}")
 

@@ -8,6 +8,7 @@ Run:  trap2 demo --out runs/demo        (or ``run_demo(DemoConfig(), "runs/demo"
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -88,11 +89,16 @@ def trained_update(
     fresh: bool = False,
     reporter: Reporter | None = None,
 ) -> Update:
-    """Train (or reuse the cached) update for ``task`` under ``cfg``."""
+    """Train (or reuse the cached) update for ``task`` under ``cfg``. With ``cfg.checkpoint_every`` the
+    run checkpoints next to the cache entry and an interrupted run resumes from there."""
     key = config_hash(suite.name, suite.fingerprint, task, cfg)
     folder = cache / f"{suite.name}-{task}-{cfg.mode}-{cfg.objective.name}-{key}"
     if folder.is_dir() and not fresh:
         return load_update(folder)
+    ckpt = folder.with_name(folder.name + ".checkpoint")
+    if fresh:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    resume = cfg.checkpoint_every is not None and ckpt.is_dir()
     reporter = reporter or LogReporter()
     with reporter.stage(f"train {task} ({cfg.objective.name}, {cfg.mode})", cfg.steps) as advance:
         last = [0]
@@ -101,8 +107,11 @@ def trained_update(
             advance(step - last[0])
             last[0] = step
 
-        result = train_update(suite, task, cfg, progress)
+        result = train_update(
+            suite, task, cfg, progress, checkpoint_dir=ckpt if cfg.checkpoint_every else None, resume=resume
+        )
     result.update.save(folder, peft_model=result.peft_model)
+    shutil.rmtree(ckpt, ignore_errors=True)  # the finished update replaces the checkpoint
     return result.update
 
 

@@ -108,6 +108,7 @@ def build_suite() -> Suite:
         default_target=DEFAULT_TARGET,
         fingerprint=meta["sha256"],
         info={"backbone": "DigitsViT " + meta["config"], "data": "sklearn.datasets.load_digits"},
+        recipes={"lora": {}, "full": {}},  # the TrainConfig defaults were tuned on this suite
     )
 
 

@@ -1,0 +1,233 @@
+"""``trap2 bench``: the paper's experiment on a suite in one resumable command.
+
+For each fine-tuning mode (LoRA, full) and each protected target (the suite's default, chosen tasks, or
+every task in turn): every task's unprotected update, the target's Trap²-protected update, standalone
+accuracy, the target's scaling curve and the attack matrix (coefficient searched on validation), as in
+the demo. Updates are cached under ``OUT/updates`` (training checkpoints every ``checkpoint_every`` steps
+and resumes after an interruption); each finished (mode, target) cell writes its own report under
+``OUT/<mode>/<target>/`` and is skipped when the command is run again with the same settings. The summary
+goes to ``OUT/bench.json`` and ``OUT/bench.md``.
+
+Each suite carries its training recipe per mode (``Suite.recipes``); ``lora`` / ``full`` in the config
+replace it.
+
+Run:  trap2 bench --suite vision-cnn --out runs/bench-vision-cnn
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trap2.config import ObjectiveConfig, TrainConfig, config_hash, from_dict, help_field, to_dict
+from trap2.demo import CURVE_SCALES, DemoConfig, evaluate_protection, trained_update
+from trap2.errors import ConfigError
+from trap2.io import write_json, write_text
+from trap2.progress import LogReporter, Reporter
+from trap2.suites import get_suite
+from trap2.suites.base import Suite
+
+MODES = ("lora", "full")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    suite: str = help_field("registered suite", "digits")
+    modes: tuple[str, ...] = help_field("fine-tuning modes to run: lora, full", MODES)
+    targets: tuple[str, ...] = help_field(
+        "tasks protected (each in turn); empty = the suite's default target; ['all'] = every task", ()
+    )
+    lora: TrainConfig | None = help_field("LoRA training settings; null = the suite's recipe", None)
+    full: TrainConfig | None = help_field("full fine-tuning settings; null = the suite's recipe", None)
+    methods: tuple[str, ...] = help_field("merge methods to attack with", ("ta", "ties", "tsv", "cart"))
+    spaces: tuple[str, ...] = help_field("merge spaces", ("full",))
+    extra_searches: tuple[str, ...] = help_field(
+        "searches run for task arithmetic besides the global one (per_task, pinned)", ()
+    )
+    hparam_search: bool = help_field("also search each method's hyperparameters (slower)", False)
+    scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
+
+    def __post_init__(self) -> None:
+        for name in ("modes", "targets", "methods", "spaces", "extra_searches"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise ConfigError(f"modes must be a non-empty subset of {', '.join(MODES)}; got {self.modes}")
+        for mode in MODES:
+            cfg = getattr(self, mode)
+            if cfg is not None and cfg.mode != mode:
+                raise ConfigError(f"{mode}: its train config says mode={cfg.mode!r}")
+            if cfg is not None and cfg.objective.name == "none":
+                raise ConfigError(f"{mode}.objective must be a protecting objective, not 'none'")
+
+    def train_config(self, suite: Suite, mode: str) -> TrainConfig:
+        """This mode's settings: the config's own, else the suite's recipe over the defaults."""
+        given = getattr(self, mode)
+        if given is not None:
+            return given
+        base = to_dict(TrainConfig(mode=mode))
+        recipe = dict(suite.recipes.get(mode, {}))
+        for key in ("objective", "lora"):
+            base[key] = {**base[key], **recipe.pop(key, {})}
+        return from_dict(TrainConfig, {**base, **recipe, "mode": mode}, f"{suite.name} recipe {mode}")
+
+    def demo_config(self, suite: Suite, mode: str, target: str) -> DemoConfig:
+        return DemoConfig(
+            suite=self.suite,
+            target=target,
+            train=self.train_config(suite, mode),
+            methods=self.methods,
+            spaces=self.spaces,
+            extra_searches=self.extra_searches,
+            hparam_search=self.hparam_search,
+            scales=self.scales,
+        )
+
+    def target_list(self, suite: Suite) -> list[str]:
+        if not self.targets:
+            return [suite.default_target]
+        if self.targets == ("all",):
+            return suite.task_names
+        for t in self.targets:
+            suite.task(t)  # validates the name
+        return list(self.targets)
+
+
+def _cell_key(suite: Suite, demo: DemoConfig) -> str:
+    return config_hash(suite.name, suite.fingerprint, demo)
+
+
+def run_bench(
+    cfg: BenchConfig, out: str | Path, fresh: bool = False, reporter: Reporter | None = None
+) -> dict[str, Any]:
+    """Run (or resume) every (mode, target) cell; return and write the summary."""
+    t0 = time.perf_counter()
+    reporter = reporter or LogReporter()
+    out = Path(out)
+    suite = get_suite(cfg.suite)
+    targets = cfg.target_list(suite)
+    cache = out / "updates"
+    cells: list[dict[str, Any]] = []
+    for mode in cfg.modes:
+        for target in targets:
+            demo = cfg.demo_config(suite, mode, target)
+            folder = out / mode / target
+            key = _cell_key(suite, demo)
+            done = _finished(folder, key)
+            if done is not None and not fresh:
+                reporter_note(reporter, f"{mode} / {target}: finished earlier, reused")
+                cells.append(_summary(mode, done))
+                continue
+            plain_cfg = dataclasses.replace(demo.train, objective=ObjectiveConfig(name="none"))
+            updates = {
+                t: trained_update(suite, t, plain_cfg, cache, fresh, reporter) for t in suite.task_names
+            }
+            protected = trained_update(suite, target, demo.train, cache, fresh, reporter)
+            report = evaluate_protection(
+                suite, target, updates, protected, demo, folder, reporter, time.perf_counter(),
+                {"bench_key": key, "mode": mode},
+            )  # fmt: skip
+            cells.append(_summary(mode, report))
+    summary = {
+        "suite": suite.name,
+        "tasks": suite.task_names,
+        "targets": targets,
+        "cells": cells,
+        "config": to_dict(cfg),
+        "train": {m: to_dict(cfg.train_config(suite, m)) for m in cfg.modes},
+        "wall_seconds_this_run": time.perf_counter() - t0,
+    }
+    write_json(out / "bench.json", summary)
+    write_text(out / "bench.md", bench_markdown(summary))
+    return summary
+
+
+def reporter_note(reporter: Reporter, text: str) -> None:
+    with reporter.stage(text, 1) as advance:
+        advance(1)
+
+
+def _finished(folder: Path, key: str) -> dict[str, Any] | None:
+    path = folder / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a broken report is redone, not trusted
+    return report if report.get("bench_key") == key else None
+
+
+def _summary(mode: str, report: Mapping[str, Any]) -> dict[str, Any]:
+    """The numbers of one (mode, target) report that the bench table shows."""
+    target = report["target"]
+    curve = report["scaling_curve"]
+
+    def at(s: float) -> float | None:
+        return curve["protected"][curve["s"].index(s)] if s in curve["s"] else None
+
+    merges: dict[str, dict[str, Any]] = {}
+    for a in report["attacks"]:
+        label = a["method"] if a["space"] == "full" else f"{a['method']}/{a['space']}"
+        if a["search"] != "global":
+            label += f" ({a['search']})"
+        side = "protected" if a["protected"] else "unprotected"
+        merges.setdefault(label, {})[side] = {"mean": a["acc"]["mean"], "target": a["acc"][target]}
+    return {
+        "mode": mode,
+        "target": target,
+        "zero_shot": report["zero_shot"],
+        "fine_tuned": report["standalone"]["unprotected"],
+        "protected": report["standalone"]["protected"][target],
+        "acc_s0.5": at(0.5),
+        "acc_s2": at(2.0),
+        "merges": merges,
+        "wall_seconds": report.get("wall_seconds"),
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def bench_markdown(summary: Mapping[str, Any]) -> str:
+    """One table per mode: a row per protected target, merged means unprotected → protected."""
+    lines = [f"# trap2 bench: suite {summary['suite']}", ""]
+    lines.append(
+        "Test accuracy %. Merges: mean over all tasks of the merged model, coefficient searched on "
+        "validation, unprotected pool → pool with the target protected (Trap²)."
+    )
+    for mode in summary["config"]["modes"]:
+        cells = [c for c in summary["cells"] if c["mode"] == mode]
+        if not cells:
+            continue
+        methods = list(dict.fromkeys(m for c in cells for m in c["merges"]))
+        zs, ft = cells[0]["zero_shot"], cells[0]["fine_tuned"]
+        lines += ["", f"## {mode}", ""]
+        lines.append(
+            f"Zero-shot mean {_pct(zs['mean'])}; fine-tuned standalone mean {_pct(ft['mean'])}"
+            + (
+                f"; protected standalone mean {_pct(sum(c['protected'] for c in cells) / len(cells))} "
+                f"vs fine-tuned {_pct(sum(ft[c['target']] for c in cells) / len(cells))} on the same "
+                f"{len(cells)} target(s)."
+            )
+        )
+        lines.append("")
+        head = ["protected task", "zero-shot", "fine-tuned", "Trap²", "s=0.5", "s=2", *methods]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for c in cells:
+            t = c["target"]
+            row = [t, _pct(zs[t]), _pct(ft[t]), _pct(c["protected"]), _pct(c["acc_s0.5"]), _pct(c["acc_s2"])]
+            for m in methods:
+                pair = c["merges"].get(m, {})
+                row.append(
+                    f"{_pct(pair.get('unprotected', {}).get('mean'))} → "
+                    f"{_pct(pair.get('protected', {}).get('mean'))}"
+                )
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,116 @@
+"""trap2 bench: every (mode, target) cell runs the demo's evaluation, the summary agrees with the cell
+reports, finished cells are reused, changed settings are redone, and an interrupted training run resumes
+to the same update."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import trap2.demo
+from trap2.bench import BenchConfig, run_bench
+from trap2.cli import app
+from trap2.config import ObjectiveConfig, TrainConfig
+from trap2.demo import trained_update
+from trap2.errors import ConfigError
+
+FAST = dict(steps=20, eval_every=20)
+
+
+def small(**kw):
+    base = dict(
+        modes=("lora",),
+        targets=("rot90", "flip"),
+        lora=TrainConfig(**FAST),
+        methods=("ta",),
+        scales=(0.5, 1.0, 2.0),
+    )
+    return BenchConfig(**{**base, **kw})
+
+
+def test_bench_cells_summary_and_resume(tmp_path, monkeypatch):
+    summary = run_bench(small(), tmp_path)
+    assert [c["target"] for c in summary["cells"]] == ["rot90", "flip"]
+    for cell in summary["cells"]:
+        report = json.loads((tmp_path / "lora" / cell["target"] / "report.json").read_text())
+        assert cell["protected"] == report["standalone"]["protected"][cell["target"]]
+        assert cell["fine_tuned"] == report["standalone"]["unprotected"]
+        assert cell["acc_s2"] == report["scaling_curve"]["protected"][2]
+        ta = {a["protected"]: a["acc"] for a in report["attacks"]}
+        for protected, side in ((False, "unprotected"), (True, "protected")):
+            want = {"mean": ta[protected]["mean"], "target": ta[protected][cell["target"]]}
+            assert cell["merges"]["ta"][side] == want
+    # the plain pool is shared: 8 plain updates + 2 protected, nothing trained twice
+    assert len([p for p in (tmp_path / "updates").iterdir() if p.is_dir()]) == 10
+    md = (tmp_path / "bench.md").read_text()
+    assert "| rot90 |" in md and "| flip |" in md and "## lora" in md
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(trap2.demo, "train_update", no_training)
+    monkeypatch.setattr("trap2.bench.evaluate_protection", no_training)
+    again = run_bench(small(), tmp_path)
+    assert again["cells"] == summary["cells"]
+
+    monkeypatch.undo()
+    changed = run_bench(small(targets=("rot90",), methods=("ta", "ties")), tmp_path)  # redone: new settings
+    assert set(changed["cells"][0]["merges"]) == {"ta", "ties"}
+
+    # the command line: the same settings from YAML and flags reuse the finished cell and print the table
+    (tmp_path / "b.yaml").write_text("lora: {steps: 20, eval_every: 20}\nscales: [0.5, 1.0, 2.0]\n")
+    args = ["bench", "--out", str(tmp_path), "--config", str(tmp_path / "b.yaml"), "--modes", "lora"]
+    result = CliRunner().invoke(app, [*args, "--targets", "rot90", "--methods", "ta,ties", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "| rot90 |" in result.output
+    assert json.loads((tmp_path / "bench.json").read_text())["cells"] == changed["cells"]
+
+
+def test_an_interrupted_training_run_resumes_to_the_same_update(tmp_path, digits):
+    cfg = TrainConfig(steps=20, eval_every=5, checkpoint_every=10, objective=ObjectiveConfig(lam=0.1))
+
+    class Interrupt(Exception):
+        pass
+
+    class StopAt15:
+        def stage(self, _description, _total):
+            import contextlib
+
+            seen = [0]
+
+            def advance(n=1):
+                seen[0] += n
+                if seen[0] >= 15:
+                    raise Interrupt
+
+            return contextlib.nullcontext(advance)
+
+    with pytest.raises(Interrupt):
+        trained_update(digits, "rot90", cfg, tmp_path / "a", reporter=StopAt15())
+    assert [p.name for p in (tmp_path / "a").iterdir()][0].endswith(".checkpoint")
+    resumed = trained_update(digits, "rot90", cfg, tmp_path / "a")
+    straight = trained_update(digits, "rot90", cfg, tmp_path / "b")
+    assert not any(p.name.endswith(".checkpoint") for p in (tmp_path / "a").iterdir())
+    for name, d in straight.dense().items():
+        torch.testing.assert_close(resumed.dense()[name], d, rtol=0, atol=0)
+
+
+def test_bench_config_recipes_and_errors(digits):
+    assert BenchConfig().train_config(digits, "full") == TrainConfig(mode="full")
+    custom = dataclasses.replace(digits, recipes={"full": {"lr": 3e-4, "objective": {"lam": 0.2}}})
+    cfg = BenchConfig().train_config(custom, "full")
+    assert (
+        cfg.lr == 3e-4 and cfg.objective.lam == 0.2 and cfg.objective.name == "trap2" and cfg.mode == "full"
+    )
+    assert BenchConfig(targets=("all",)).target_list(digits) == digits.task_names
+    assert BenchConfig().target_list(digits) == [digits.default_target]
+    with pytest.raises(ConfigError, match="modes"):
+        BenchConfig(modes=("qlora",))
+    with pytest.raises(ConfigError, match="mode='full'"):
+        BenchConfig(lora=TrainConfig(mode="full"))
+    with pytest.raises(ConfigError, match="protecting objective"):
+        BenchConfig(full=TrainConfig(mode="full", objective=ObjectiveConfig(name="none")))
+    with pytest.raises(Exception, match="unknown task"):
+        BenchConfig(targets=("rot91",)).target_list(digits)
