@@ -365,7 +365,9 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("prepare")
 def data_prepare(
-    suite: Annotated[str, typer.Argument(help="suite whose data to prepare: vision-cnn, text-transformer")],
+    suite: Annotated[
+        str, typer.Argument(help="suite whose data to prepare: vision-cnn, text-transformer, clip8, math")
+    ],
     bigbench: Annotated[
         Path | None,
         typer.Option(
@@ -376,22 +378,40 @@ def data_prepare(
         bool,
         typer.Option(help="fetch the BIG-bench sdist with `pip download` (a package registry) if absent"),
     ] = False,
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            help="clip8 / math: the local data folder (default: $TRAP2_CLIP8_DATA / $TRAP2_MATH_DATA)"
+        ),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="clip8 / math: the local model folder (default: $TRAP2_CLIP_MODEL / $TRAP2_MATH_MODEL)"
+        ),
+    ] = None,
 ) -> None:
     """Read each task's source once and write fixed train/val/test subsets to the cache ($TRAP2_DATA)."""
     from trap2.data import sources
     from trap2.data.prepare import bigbench_source, data_dir
-    from trap2.suites import text_transformer, vision_cnn
+    from trap2.suites import clip8, math_lm, text_transformer, vision_cnn
 
-    preparers = {"vision-cnn": vision_cnn.prepare, "text-transformer": text_transformer.prepare}
-    if suite not in preparers:
-        raise UnknownNameError(f"no data to prepare for suite {suite!r}; valid: {', '.join(preparers)}")
-    bb = bigbench or bigbench_source()
-    if download and not (bb / sources.BIGBENCH_SDIST).exists() and not bb.is_file():
-        bb.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "bigbench==1.0.0", "-d", str(bb)]
-        typer.echo("$ " + " ".join(cmd))
-        subprocess.run(cmd, check=True)
-    for path in preparers[suite](bb):
+    bigbench_suites = {"vision-cnn": vision_cnn.prepare, "text-transformer": text_transformer.prepare}
+    local_suites = {"clip8": clip8.prepare, "math": math_lm.prepare}
+    if suite in local_suites:
+        paths = local_suites[suite](root, model=model)
+    elif suite in bigbench_suites:
+        bb = bigbench or bigbench_source()
+        if download and not (bb / sources.BIGBENCH_SDIST).exists() and not bb.is_file():
+            bb.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "bigbench==1.0.0", "-d", str(bb)]
+            typer.echo("$ " + " ".join(cmd))
+            subprocess.run(cmd, check=True)
+        paths = bigbench_suites[suite](bb)
+    else:
+        valid = ", ".join([*bigbench_suites, *local_suites])
+        raise UnknownNameError(f"no data to prepare for suite {suite!r}; valid: {valid}")
+    for path in paths:
         typer.echo(f"wrote {path}")
     typer.echo(f"cache: {data_dir() / suite}")
 

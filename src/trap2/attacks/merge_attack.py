@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from trap2.attacks.search import PAPER_GRID, search_coefficient
 from trap2.errors import ConfigError
-from trap2.eval.evaluate import base_state
+from trap2.eval.evaluate import accuracy, base_state
 from trap2.merging import INTERNAL_HPARAMS, get_merge_method, merge_updates
 from trap2.suites.base import Suite
 from trap2.updates import Update, apply_delta
@@ -47,7 +47,8 @@ class EvalContext:
         self.backbone = self.suite.make_backbone().eval()
         self.w0 = base_state(self.backbone)
         self.evaluations = 0
-        self._stacked = {split: self._stack(split) for split in ("val", "test")}
+        custom = any(self.suite.task(t).evaluate is not None for t in self.tasks)
+        self._stacked = {} if custom else {split: self._stack(split) for split in ("val", "test")}
 
     def _stack(self, split: str) -> tuple[torch.Tensor, list[tuple[str, int, int]]]:
         """Every task's inputs in one batch (one forward per evaluation), with each task's slice."""
@@ -61,6 +62,8 @@ class EvalContext:
 
     @torch.no_grad()
     def accuracies(self, params: Mapping[str, torch.Tensor], split: str) -> dict[str, float]:
+        if not self._stacked:  # tasks with their own metric (e.g. exact match of generated answers)
+            return {t: accuracy(self.backbone, self.suite.task(t), split, params) for t in self.tasks}
         x, spans = self._stacked[split]
         feats = functional_call(self.backbone, dict(params), (x,), strict=False)
         out = {}

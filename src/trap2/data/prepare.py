@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trap2.data import sources
 from trap2.errors import DataError
 from trap2.io import load_tensors, save_tensors
 
@@ -39,7 +38,8 @@ class TaskSource:
     """One task of a suite: where its images come from and how many go into each split."""
 
     name: str
-    load: Callable[[], sources.Arrays]
+    # (inputs, labels), or {"train": (x, y), "test": (x, y), "classes": [...]} for a source's own split
+    load: Callable[[], Any]
     n_train: int
     n_val: int
     n_test: int
@@ -78,23 +78,47 @@ def prepare_task(
     default; a tokenizer to ``size`` tokens for text (``unit="tok"``).
     """
     out = (folder or data_dir()) / suite / f"{task.name}-{size}{unit}.safetensors"
-    x, y = task.load()
-    if len(x) != len(y):
-        raise DataError(f"{task.name}: {len(x)} inputs but {len(y)} labels")
     encode = encode or (lambda images: to_rgb(images, size))
-    parts = split_indices(len(y), (task.n_train, task.n_val, task.n_test), SPLIT_SEED)
+    loaded = task.load()
+    classes: list[str] = []
+    if isinstance(loaded, dict):  # the source's own train / test split: val is carved from train
+        classes = list(loaded.get("classes", []))
+        (xtr, ytr), (xte, yte) = loaded["train"], loaded["test"]
+        _check_pair(task.name, xtr, ytr)
+        _check_pair(task.name, xte, yte)
+        n_val = min(task.n_val, len(ytr) // 5)
+        tr, va, _ = split_indices(len(ytr), (min(task.n_train, len(ytr) - n_val), n_val, 0), SPLIT_SEED)
+        te, _, _ = split_indices(len(yte), (min(task.n_test, len(yte)), 0, 0), SPLIT_SEED)
+        parts = {"train": (xtr, ytr, tr), "val": (xtr, ytr, va), "test": (xte, yte, te)}
+        y = np.concatenate([ytr, yte])
+    else:
+        x, y = loaded
+        _check_pair(task.name, x, y)
+        idx = split_indices(len(y), (task.n_train, task.n_val, task.n_test), SPLIT_SEED)
+        parts = {split: (x, y, i) for split, i in zip(("train", "val", "test"), idx, strict=True)}
     tensors = {}
-    for split, idx in zip(("train", "val", "test"), parts, strict=True):
-        tensors[f"x_{split}"] = encode(x[idx])
-        tensors[f"y_{split}"] = torch.from_numpy(y[idx].astype(np.int64))
+    for split, (xs, ys, i) in parts.items():
+        encoded = encode(xs[i])  # a tensor, or (inputs, targets) when the encoder makes the targets too
+        x_t, y_t = (
+            encoded if isinstance(encoded, tuple) else (encoded, torch.from_numpy(ys[i].astype(np.int64)))
+        )
+        tensors[f"x_{split}"], tensors[f"y_{split}"] = x_t, y_t
     meta = {
         "task": task.name,
         "size": str(size),
-        "n_classes": str(int(y.max()) + 1),
+        "n_classes": str(max(len(classes), int(y.max()) + 1)),
         "source": task.description,
+        **({"classes": json.dumps(classes)} if classes else {}),
     }
     save_tensors(out, tensors, {"trap2_data": json.dumps(meta, sort_keys=True)})
     return out
+
+
+def _check_pair(name: str, x: Any, y: np.ndarray) -> None:
+    if len(x) != len(y):
+        raise DataError(f"{name}: {len(x)} inputs but {len(y)} labels")
+    if len(y) == 0:
+        raise DataError(f"{name}: no examples")
 
 
 def load_prepared(

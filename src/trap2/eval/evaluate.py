@@ -22,6 +22,8 @@ def accuracy(
 ) -> float:
     """Fraction correct of ``task.head(backbone(x))``; ``params`` overrides backbone parameters."""
     data = task.split(split) if isinstance(split, str) else split
+    if task.evaluate is not None:  # the task's own metric (e.g. exact match of generated answers)
+        return task.evaluate(backbone, data, params)
     device = next(backbone.parameters()).device
     head = task.head.to(device)
     was_training = backbone.training

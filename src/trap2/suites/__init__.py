@@ -38,6 +38,24 @@ def _text_transformer() -> Suite:
 SUITES.register("text-transformer", _text_transformer)
 
 
+def _clip8() -> Suite:  # from local paths: $TRAP2_CLIP_MODEL, $TRAP2_CLIP8_DATA
+    from trap2.suites.clip8 import build_suite
+
+    return build_suite()
+
+
+SUITES.register("clip8", _clip8)
+
+
+def _math() -> Suite:  # from local paths: $TRAP2_MATH_MODEL, $TRAP2_MATH_DATA
+    from trap2.suites.math_lm import build_suite
+
+    return build_suite()
+
+
+SUITES.register("math", _math)
+
+
 def get_suite(name: str) -> Suite:
     builder = SUITES.get(name)
     if name not in _BUILT:

@@ -5,7 +5,7 @@ Only the backbone update is trained and merged; heads stay frozen (like CLIP's z
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +49,11 @@ class TaskModel(nn.Module):
         return self.head(self.backbone(x))
 
 
+# A task's own metric, for tasks not scored by head(backbone(x)).argmax() == y (e.g. exact match of
+# generated answers): (backbone, split, parameter overrides or None) -> score in [0, 1].
+Evaluator = Callable[[nn.Module, Split, Mapping[str, torch.Tensor] | None], float]
+
+
 @dataclass
 class Task:
     name: str
@@ -56,8 +61,9 @@ class Task:
     train: Split
     val: Split
     test: Split
-    head: CosineHead
+    head: nn.Module  # frozen: a CosineHead, or any parameter-free module
     description: str = ""
+    evaluate: Evaluator | None = None
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):
