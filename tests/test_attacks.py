@@ -213,3 +213,75 @@ def test_mixed_lora_and_dense_inputs(tmp_path, pool):
     assert isinstance(d, LowRank) and d.rank == 16
     for k, v in merge_updates(ups, "ta", "knots").dense().items():
         torch.testing.assert_close(cat.dense()[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_regmean_kernel_equal_grams_is_the_average_and_otherwise_least_squares():
+    from trap2.attacks.regmean import regmean_weight
+
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(3)]
+    x = torch.randn(40, 7, generator=g, dtype=torch.float64)
+    same = [x.T @ x] * 3
+    torch.testing.assert_close(regmean_weight(ws, same, alpha=0.9), sum(ws) / 3)  # = TA with c = 1/n
+    xs = [torch.randn(30, 7, generator=g, dtype=torch.float64) for _ in ws]
+    got = regmean_weight(ws, [xi.T @ xi for xi in xs], alpha=1.0)
+    # independent reference: min_W Σ‖X_i Wᵀ − X_i W_iᵀ‖² by least squares on the stacked inputs
+    ref = torch.linalg.lstsq(
+        torch.cat(xs), torch.cat([xi @ w.T for xi, w in zip(xs, ws, strict=True)])
+    ).solution.T
+    torch.testing.assert_close(got, ref)
+    with pytest.raises(ConfigError, match="alpha"):
+        regmean_weight(ws, same, alpha=1.5)
+
+
+def test_regmean_of_one_update_repeated_is_that_update(ctx, digits):
+    from trap2.attacks.regmean import regmean_delta
+
+    d = ctx.updates[0].dense()
+    x = digits.task(digits.task_names[0]).train.x[:32]
+    merged = regmean_delta(ctx.backbone, ctx.w0, [d, d], [x, digits.task("flip").train.x[:32]])
+    assert merged.keys() == d.keys()
+    for n in d:
+        torch.testing.assert_close(merged[n], d[n], rtol=1e-4, atol=1e-5)
+
+
+def test_regmean_and_restore_attacks_run_in_the_matrix(ctx, pool):
+    from trap2.attacks import restore_member
+
+    rec = run_attack(ctx, ctx.updates, "regmean", "full", "global")
+    assert rec["method"] == "regmean" and 0.0 <= rec["acc"]["mean"] <= 1.0 and rec["evaluations"] > 0
+    with pytest.raises(ConfigError, match="full space"):
+        run_attack(ctx, ctx.updates, "regmean", "knots", "global")
+
+    protected = [load_update(pool["protected"]), *ctx.updates[1:]]
+    r = run_attack(ctx, protected, "ties", "full", "restore", protected_index=0)
+    assert r["coefficients"][0] == 1.0 and set(r["coefficients"][1:]) == {r["coefficient"]}
+    merged = merge_updates(protected, "ties", "full").dense()
+    member = protected[0].dense()
+    rest = restore_member(merged, member)
+    for n, d in member.items():  # what is left is orthogonal to the member, and adds back to the merge
+        assert abs(float((rest[n].double() * d.double()).sum())) < 1e-6 * float(
+            d.norm() * merged[n].norm() + 1e-12
+        )
+        a = float((merged[n].double() * d.double()).sum() / (d.double() ** 2).sum())
+        torch.testing.assert_close(rest[n] + a * d, merged[n], rtol=1e-5, atol=1e-6)
+
+
+def test_demo_cells_place_regmean_and_restore():
+    from trap2.demo import DemoConfig
+
+    cfg = DemoConfig(
+        methods=("ta", "ties", "regmean"), spaces=("full", "knots"), extra_searches=("pinned", "restore")
+    )
+    assert cfg.cells() == [
+        ("ta", "full", "global"),
+        ("ties", "full", "global"),
+        ("ties", "knots", "global"),
+        ("regmean", "full", "global"),
+        ("ta", "full", "pinned"),
+        ("ties", "full", "restore"),
+        ("ties", "knots", "restore"),
+        ("regmean", "full", "restore"),
+    ]
+    with pytest.raises(ConfigError, match="per_task, pinned, restore"):
+        DemoConfig(extra_searches=("greedy",))

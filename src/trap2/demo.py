@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from trap2.attacks import SEARCHES, EvalContext, attack_matrix
+from trap2.attacks import DATA_METHODS, SEARCHES, EvalContext, attack_matrix
 from trap2.config import ObjectiveConfig, TrainConfig, config_hash, help_field, to_dict
 from trap2.errors import ConfigError
 from trap2.eval.evaluate import accuracy, base_state, scaling_curve
@@ -41,13 +41,16 @@ class DemoConfig:
         default_factory=lambda: TrainConfig(objective=ObjectiveConfig(name="trap2")),
     )
     methods: tuple[str, ...] = help_field(
-        "merge methods to attack with", ("ta", "ties", "dare_ties", "tsv", "cart")
+        "merge methods to attack with (registered ones, or 'regmean': data-dependent, full space)",
+        ("ta", "ties", "dare_ties", "tsv", "cart"),
     )
     spaces: tuple[str, ...] = help_field(
         "merge spaces (task arithmetic is the same in all: run in full only)", ("full", "knots", "core")
     )
     extra_searches: tuple[str, ...] = help_field(
-        "searches run for task arithmetic besides the global one", ("per_task", "pinned")
+        "searches besides the global one: per_task and pinned (task arithmetic), restore (every other "
+        "method: the protected member put back at its nominal scale after the merge)",
+        ("per_task", "pinned"),
     )
     hparam_search: bool = help_field(
         "also search each method's hyperparameters coordinate-wise (slower)", False
@@ -62,22 +65,28 @@ class DemoConfig:
         for name in ("methods", "spaces", "extra_searches"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for m in self.methods:
-            get_merge_method(m)
+            if m not in DATA_METHODS:
+                get_merge_method(m)
         for sp in self.spaces:
             SPACES.get(sp)
         for se in self.extra_searches:
             if se not in SEARCHES or se == "global":
-                raise ConfigError(f"extra_searches: {se!r} is not one of per_task, pinned")
+                raise ConfigError(f"extra_searches: {se!r} is not one of per_task, pinned, restore")
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
     def cells(self) -> list[tuple[str, str, str]]:
-        """(method, space, search) cells: Core needs LoRA updates; TA is space-independent."""
+        """(method, space, search) cells: Core needs LoRA updates; TA is space-independent; data-dependent
+        merges run in full space; restore applies to the merges that are not linear."""
         spaces = [sp for sp in self.spaces if sp != "core" or self.train.mode == "lora"]
-        out = []
-        for m in self.methods:
-            out += [(m, "full", "global")] if m == "ta" else [(m, sp, "global") for sp in spaces]
+
+        def where(m: str) -> list[str]:
+            return ["full"] if m == "ta" or m in DATA_METHODS else spaces
+
+        out = [(m, sp, "global") for m in self.methods for sp in where(m)]
         if "ta" in self.methods:
-            out += [("ta", "full", se) for se in self.extra_searches]
+            out += [("ta", "full", se) for se in self.extra_searches if se != "restore"]
+        if "restore" in self.extra_searches:
+            out += [(m, sp, "restore") for m in self.methods if m != "ta" for sp in where(m)]
         return out
 
 

@@ -30,7 +30,9 @@ from trap2.merging import INTERNAL_HPARAMS, get_merge_method, merge_updates
 from trap2.suites.base import Suite
 from trap2.updates import Update, apply_delta
 
-SEARCHES = ("global", "per_task", "pinned")
+SEARCHES = ("global", "per_task", "pinned", "restore")
+# merges that need data besides the deltas (not in the pure-math registry); full space only
+DATA_METHODS = ("regmean",)
 PER_TASK_GRID: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
@@ -86,6 +88,32 @@ class EvalContext:
         return {**accs, "mean": sum(accs.values()) / len(accs)}
 
 
+def restore_member(
+    merged: Mapping[str, torch.Tensor], member: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``merged`` without the member's component: per tensor, minus its least-squares projection a·ΔW.
+
+    TIES and DARE shrink each member by an amount the attacker does not control; removing what is left
+    of the protected update lets it be added back at its nominal scale (the "restore" search)."""
+    rest = {}
+    for n, m in merged.items():
+        d = member.get(n)
+        if d is None:
+            rest[n] = m
+            continue
+        a = (m.double() * d.double()).sum() / (d.double() * d.double()).sum().clamp_min(1e-30)
+        rest[n] = m - a.to(m.dtype) * d
+    return rest
+
+
+def _regmean_merged(ctx: EvalContext, pool: Sequence[Update]) -> dict[str, torch.Tensor]:
+    from trap2.attacks.regmean import N_SAMPLES, regmean_delta
+
+    tasks = [u.meta.get("task") or ctx.tasks[i] for i, u in enumerate(pool)]
+    inputs = [ctx.suite.task(t).train.x[:N_SAMPLES] for t in tasks]  # unlabelled: labels never read
+    return regmean_delta(ctx.backbone, ctx.w0, [u.dense() for u in pool], inputs)
+
+
 def _merge_fn(pool: Sequence[Update], method: str, space: str, hp: Mapping[str, Any]):
     """weights -> merged dense delta; linear (no re-merge) for task arithmetic."""
     if method == "ta":
@@ -113,17 +141,27 @@ def run_attack(
     """One cell of the attack matrix: the best merge the attacker finds on validation, scored on test."""
     if search not in SEARCHES:
         raise ConfigError(f"unknown search {search!r}; valid: {', '.join(SEARCHES)}")
-    m = get_merge_method(method)
-    hp = {k: v for k, v in m.resolve(**(hparams or {})).items() if k not in INTERNAL_HPARAMS}
+    data_method = method in DATA_METHODS
+    if data_method and (space != "full" or search in ("per_task", "pinned")):
+        raise ConfigError(f"{method} runs in full space with the global or restore search only")
+    m = None if data_method else get_merge_method(method)
+    hp = (
+        {}
+        if m is None
+        else {k: v for k, v in m.resolve(**(hparams or {})).items() if k not in INTERNAL_HPARAMS}
+    )
     n_eval0 = ctx.evaluations
 
     def global_search(hp_: Mapping[str, Any]) -> tuple[float, float, dict[str, torch.Tensor]]:
-        merged = merge_updates(pool, method, space, **hp_).dense()  # once per hyperparameter setting
+        if data_method:
+            merged = _regmean_merged(ctx, pool)
+        else:
+            merged = merge_updates(pool, method, space, **hp_).dense()  # once per hyperparameter setting
         found = search_coefficient(lambda c: ctx.val_score(ctx.params(merged, c)), grid)
         return found.coefficient, found.score, merged
 
     c, score, merged = global_search(hp)
-    if hparam_search:
+    if hparam_search and m is not None:
         for name, spec in m.hparams.items():
             for value in spec.grid:
                 if value == hp[name]:
@@ -161,6 +199,20 @@ def run_attack(
         score, coefficients = found.score, weights_at(found.coefficient)
         c = found.coefficient
         params = ctx.params(fn(coefficients))
+    elif search == "restore":
+        if protected_index is None:
+            raise ConfigError("search='restore' needs the index of the protected member")
+        member = pool[protected_index].dense()
+        rest = restore_member(merged, member)  # the merge at its best hyperparameters, member removed
+
+        def restored(c_: float) -> dict[str, torch.Tensor]:
+            names = dict.fromkeys([*rest, *member])
+            return {n: c_ * rest.get(n, 0) + member.get(n, 0) for n in names}
+
+        found = search_coefficient(lambda c_: ctx.val_score(ctx.params(restored(c_))), grid)
+        score, c = found.score, found.coefficient
+        coefficients = [1.0 if i == protected_index else c for i in range(len(pool))]
+        params = ctx.params(restored(c))
 
     return {
         "method": method,
