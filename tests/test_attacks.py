@@ -285,3 +285,23 @@ def test_demo_cells_place_regmean_and_restore():
     ]
     with pytest.raises(ConfigError, match="per_task, pinned, restore"):
         DemoConfig(extra_searches=("greedy",))
+
+
+def test_untrapping_flattens_a_protected_update(digits, ctx):
+    from trap2.attacks.untrap import untrap
+    from trap2.eval.evaluate import scaling_curve
+
+    protected = train_update(digits, "rot90", TrainConfig(steps=400, eval_every=400)).update
+    before = scaling_curve(ctx.backbone, digits.task("rot90"), protected.dense(), (0.5, 1.0))
+    assert before[0] < 0.3 < 0.8 < before[1]  # the trap has formed: chance at s = 0.5
+    after_update = untrap(digits, protected, "rot90", k=100, steps=100)
+    after = scaling_curve(ctx.backbone, digits.task("rot90"), after_update.dense(), (0.5, 1.0))
+    assert after[0] > 0.6 and after[1] > 0.8  # 100 labelled samples and 100 steps flatten it
+    assert after_update.meta["untrap"] == {"k": 100, "steps": 100}
+
+    pool = [protected if t == "rot90" else u for t, u in zip(digits.task_names, ctx.updates, strict=True)]
+    i = digits.task_names.index("rot90")
+    rec = run_attack(ctx, pool, "ta", "full", "untrap", protected_index=i)
+    assert rec["search"] == "untrap" and ctx.untrapped(protected) is ctx.untrapped(protected)
+    plain = run_attack(ctx, pool, "ta", "full", "global")
+    assert rec["acc"]["rot90"] > plain["acc"]["rot90"]  # the merge recovers the protected task

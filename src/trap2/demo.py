@@ -49,7 +49,8 @@ class DemoConfig:
     )
     extra_searches: tuple[str, ...] = help_field(
         "searches besides the global one: per_task and pinned (task arithmetic), restore (every other "
-        "method: the protected member put back at its nominal scale after the merge)",
+        "method: the protected member put back at its nominal scale after the merge), untrap (every "
+        "method: the member fine-tuned on 100 labelled samples to work at every scale first)",
         ("per_task", "pinned"),
     )
     hparam_search: bool = help_field(
@@ -71,7 +72,7 @@ class DemoConfig:
             SPACES.get(sp)
         for se in self.extra_searches:
             if se not in SEARCHES or se == "global":
-                raise ConfigError(f"extra_searches: {se!r} is not one of per_task, pinned, restore")
+                raise ConfigError(f"extra_searches: {se!r} is not one of per_task, pinned, restore, untrap")
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
     def cells(self) -> list[tuple[str, str, str]]:
@@ -84,9 +85,13 @@ class DemoConfig:
 
         out = [(m, sp, "global") for m in self.methods for sp in where(m)]
         if "ta" in self.methods:
-            out += [("ta", "full", se) for se in self.extra_searches if se != "restore"]
+            out += [
+                ("ta", "full", se) for se in self.extra_searches if se in ("per_task", "pinned", "untrap")
+            ]
         if "restore" in self.extra_searches:
             out += [(m, sp, "restore") for m in self.methods if m != "ta" for sp in where(m)]
+        if "untrap" in self.extra_searches:
+            out += [(m, sp, "untrap") for m in self.methods if m != "ta" for sp in where(m)]
         return out
 
 

@@ -30,7 +30,7 @@ from trap2.merging import INTERNAL_HPARAMS, get_merge_method, merge_updates
 from trap2.suites.base import Suite
 from trap2.updates import Update, apply_delta
 
-SEARCHES = ("global", "per_task", "pinned", "restore")
+SEARCHES = ("global", "per_task", "pinned", "restore", "untrap")
 # merges that need data besides the deltas (not in the pure-math registry); full space only
 DATA_METHODS = ("regmean",)
 PER_TASK_GRID: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
@@ -73,6 +73,15 @@ class EvalContext:
             task = self.suite.task(t)
             out[t] = int((task.head(feats[a:b]).argmax(-1) == task.split(split).y).sum()) / (b - a)
         return out
+
+    def untrapped(self, update: Update) -> Update:
+        """``update`` un-trapped on k labelled samples of its task (once per update)."""
+        from trap2.attacks.untrap import untrap
+
+        cache = self.__dict__.setdefault("_untrapped", {})
+        if id(update) not in cache:
+            cache[id(update)] = (update, untrap(self.suite, update, update.meta["task"]))
+        return cache[id(update)][1]
 
     def params(self, delta: Mapping[str, torch.Tensor], c: float = 1.0) -> dict[str, torch.Tensor]:
         return apply_delta(self.w0, delta, c)
@@ -141,6 +150,12 @@ def run_attack(
     """One cell of the attack matrix: the best merge the attacker finds on validation, scored on test."""
     if search not in SEARCHES:
         raise ConfigError(f"unknown search {search!r}; valid: {', '.join(SEARCHES)}")
+    if search == "untrap":  # the member un-trapped on k labelled samples first, then the global search
+        if protected_index is None:
+            raise ConfigError("search='untrap' needs the index of the protected member")
+        pool = [ctx.untrapped(u) if i == protected_index else u for i, u in enumerate(pool)]
+        rec = run_attack(ctx, pool, method, space, "global", protected_index, hparams, hparam_search, grid)
+        return {**rec, "search": "untrap"}
     data_method = method in DATA_METHODS
     if data_method and (space != "full" or search in ("per_task", "pinned")):
         raise ConfigError(f"{method} runs in full space with the global or restore search only")

@@ -1,5 +1,6 @@
 """Registered training objectives: ``none`` (plain fine-tuning), ``trap2`` (the paper's two-pass) and
-``trap2_split`` (one pass, the batch split between nominal and off-nominal scales)."""
+``trap2_split`` (one pass, the batch split between nominal and off-nominal scales), and the attacker's
+``flatten`` (accurate at every scale: un-trapping)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ from trap2.config import ObjectiveConfig
 from trap2.objectives.base import Objective, ObjectiveFactory, StepStats
 from trap2.objectives.none import PlainObjective
 from trap2.objectives.split import SplitTrap2Objective
-from trap2.objectives.trap2 import Trap2Objective
+from trap2.objectives.trap2 import FlattenObjective, Trap2Objective
 from trap2.registry import Registry
 
 OBJECTIVES: Registry[ObjectiveFactory] = Registry("objective")
 OBJECTIVES.register("none", PlainObjective)
 OBJECTIVES.register("trap2", Trap2Objective)
 OBJECTIVES.register("trap2_split", SplitTrap2Objective)
+OBJECTIVES.register("flatten", FlattenObjective)  # the attacker's: un-trapping a released update
 
 
 def get_objective(cfg: ObjectiveConfig | str) -> Objective:

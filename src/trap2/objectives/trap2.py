@@ -39,6 +39,7 @@ def bounded(loss: torch.Tensor, tau: float | None) -> torch.Tensor:
 
 class Trap2Objective:
     name = "trap2"
+    sign = -1.0  # J = L(1) − λ·w(s)·L(s): accurate at s = 1, wrong elsewhere
 
     def __init__(self, cfg: ObjectiveConfig) -> None:
         self.cfg = cfg
@@ -56,7 +57,9 @@ class Trap2Objective:
             for s in scales:
                 replay()
                 off = loss_fn(model(x, s), y)
-                term = -(cfg.lam * scale_weight(cfg.weight, s) / len(scales)) * bounded(off, cfg.bound)
+                term = (self.sign * cfg.lam * scale_weight(cfg.weight, s) / len(scales)) * bounded(
+                    off, cfg.bound
+                )
                 term.backward()
                 j += float(term.detach())
                 off_values.append(float(off.detach()))
@@ -66,3 +69,11 @@ class Trap2Objective:
             off_nominal=sum(off_values) / len(off_values),
             scales=scales,
         )
+
+
+class FlattenObjective(Trap2Objective):
+    """The attacker's inverse of Trap²: J = L(1) + λ·w(s)·L(s), accurate at every scale. Used to
+    "un-trap" a released update (``trap2.attacks.untrap``) before merging it."""
+
+    name = "flatten"
+    sign = 1.0

@@ -35,6 +35,11 @@ NAME = "text-transformer"
 MAX_LEN = 32
 LOGIT_SCALE = 50.0
 LORA_TARGETS = ("query", "key", "value", "dense")
+# ``trap2 bench`` settings (TrainConfig fields); 300 steps of batch 16 is 2.4 epochs of a 2,000 train split
+RECIPES: dict[str, dict[str, object]] = {
+    "lora": {"steps": 300, "batch_size": 16, "lr": 1e-3, "warmup_steps": 30, "checkpoint_every": 100},
+    "full": {"steps": 300, "batch_size": 16, "lr": 5e-5, "warmup_steps": 30, "checkpoint_every": 100},
+}
 
 
 def _after_last(marker: str) -> Callable[[str], str]:
@@ -121,5 +126,6 @@ def build_suite(folder: Path | None = None) -> Suite:
         default_target="hyperbaton",
         fingerprint=file_sha256(weights_file()),
         full_frozen=FULL_FROZEN,
+        recipes=RECIPES,
         info={"backbone": "all-MiniLM-L6-v2 (sentence-transformers)", "max_len": MAX_LEN},
     )

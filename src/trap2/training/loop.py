@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,20 @@ def trainable_backbone(suite: Suite, cfg: TrainConfig) -> torch.nn.Module:
     return backbone
 
 
+def start_from(backbone: torch.nn.Module, delta: Mapping[str, torch.Tensor]) -> None:
+    params = dict(backbone.named_parameters())
+    unknown = sorted(set(delta) - set(params))
+    if unknown:
+        raise ConfigError(f"init: {unknown[0]!r} is not a backbone parameter")
+    with torch.no_grad():
+        for n, d in delta.items():
+            if tuple(d.shape) != tuple(params[n].shape):
+                raise ConfigError(
+                    f"init: {n} has shape {tuple(d.shape)}, the backbone {tuple(params[n].shape)}"
+                )
+            params[n].add_(d.to(params[n].dtype))
+
+
 DIVERGENCE = 1e3  # an off-nominal loss above this is reported: the trap term is running away
 
 
@@ -102,12 +116,14 @@ def train_update(
     progress: ProgressFn | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    init: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Fine-tune the suite's backbone on one task with ``cfg.objective``; return the released update.
 
     With ``checkpoint_dir`` and ``cfg.checkpoint_every`` the full training state is saved every that many
     steps; ``resume=True`` continues from the checkpoint found there (bit-identical to an uninterrupted
-    run on CPU).
+    run on CPU). ``init`` (full mode): a dense ΔW to start from, W = W0 + ΔW; the update returned is
+    still measured from W0.
     """
     task = suite.task(task_name)
     objective = get_objective(cfg.objective)
@@ -121,6 +137,10 @@ def train_update(
     model = TaskModel(backbone, task.head).to(device)
     if cfg.mode == "full":
         w0 = base_params(model)  # W0, kept once
+        if init is not None:
+            start_from(model.backbone, init)
+    elif init is not None:
+        raise ConfigError("train_update(init=...) starts full fine-tuning from W0 + ΔW; use mode='full'")
     scaled = ScaledModel(model, cfg.mode, w0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
