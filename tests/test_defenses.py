@@ -99,3 +99,35 @@ def test_applied_to_the_adapter_alone_the_update_breaks(digits):
         # ... but a publisher who reparameterises only the adapter's ΔW ships a broken update
         broken = accuracy(backbone, task, "test", apply_delta(w0, defend(full, apply_to=delta)))
         assert standalone - broken > min_loss * gain, (standalone, broken)
+
+
+def test_demo_attacks_the_baselines_like_trap2(tmp_path, digits):
+    from trap2.demo import DemoConfig, baseline_update, run_demo
+    from trap2.updates import load_update
+
+    cfg = DemoConfig(
+        train=TrainConfig(steps=20, eval_every=20),
+        methods=("ta", "ties"),
+        spaces=("full",),
+        extra_searches=("pinned",),
+        baselines=("params", "merge_lock"),
+        scales=(0.5, 1.0, 2.0),
+    )
+    report = run_demo(cfg, tmp_path)
+    cells = {(a["method"], a["search"]) for a in report["attacks"]}
+    assert cells == {("ta", "global"), ("ties", "global"), ("ta", "pinned")}
+    assert {(b["defense"], b["method"], b["search"]) for b in report["baselines"]} == {
+        (d, m, s) for d in ("params", "merge_lock") for m, s in cells
+    }
+    md = (tmp_path / "report.md").read_text()
+    assert "Stronger threats" in md and "| PaRaMS | Merge-Lock |" in md
+    # the released baseline works standalone exactly as the plain update it hides
+    plain = load_update(next(p for p in (tmp_path / "updates").iterdir() if "rot90-lora-none" in p.name))
+    backbone = digits.make_backbone()
+    w0 = base_state(backbone)
+    for d in ("params", "merge_lock"):
+        locked = baseline_update(digits, plain, d)
+        want = accuracy(backbone, digits.task("rot90"), "test", apply_delta(w0, plain.dense()))
+        assert accuracy(
+            backbone, digits.task("rot90"), "test", apply_delta(w0, locked.dense())
+        ) == pytest.approx(want, abs=0.01)

@@ -27,6 +27,7 @@ from typing import Any
 from trap2.config import ObjectiveConfig, TrainConfig, config_hash, from_dict, help_field, to_dict
 from trap2.demo import CURVE_SCALES, DemoConfig, evaluate_protection, trained_update
 from trap2.errors import ConfigError
+from trap2.eval.report import threats_table
 from trap2.io import write_json, write_text
 from trap2.progress import LogReporter, Reporter
 from trap2.suites import get_suite
@@ -50,10 +51,13 @@ class BenchConfig:
         "searches run for task arithmetic besides the global one (per_task, pinned)", ()
     )
     hparam_search: bool = help_field("also search each method's hyperparameters (slower)", False)
+    baselines: tuple[str, ...] = help_field(
+        "post-hoc defenses attacked like Trap² (Transformer suites): params (PaRaMS), merge_lock", ()
+    )
     scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
 
     def __post_init__(self) -> None:
-        for name in ("modes", "targets", "methods", "spaces", "extra_searches"):
+        for name in ("modes", "targets", "methods", "spaces", "extra_searches", "baselines"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not self.modes or any(m not in MODES for m in self.modes):
             raise ConfigError(f"modes must be a non-empty subset of {', '.join(MODES)}; got {self.modes}")
@@ -84,6 +88,7 @@ class BenchConfig:
             spaces=self.spaces,
             extra_searches=self.extra_searches,
             hparam_search=self.hparam_search,
+            baselines=self.baselines,
             scales=self.scales,
         )
 
@@ -186,6 +191,7 @@ def _summary(mode: str, report: Mapping[str, Any]) -> dict[str, Any]:
         "acc_s0.5": at(0.5),
         "acc_s2": at(2.0),
         "merges": merges,
+        "threats": threats_table(dict(report)),
         "wall_seconds": report.get("wall_seconds"),
     }
 
@@ -230,4 +236,8 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
                     f"{_pct(pair.get('protected', {}).get('mean'))}"
                 )
             lines.append("| " + " | ".join(row) + " |")
+        for c in cells:
+            if c.get("threats"):
+                lines += ["", f"### {mode}, `{c['target']}` protected: stronger threats", ""]
+                lines += [ln for ln in c["threats"][1:] if ln]  # the table without its own heading
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from trap2.attacks import DATA_METHODS, SEARCHES, EvalContext, attack_matrix
+from trap2.attacks import DATA_METHODS, SEARCHES, EvalContext, attack_matrix, run_attack
 from trap2.config import ObjectiveConfig, TrainConfig, config_hash, help_field, to_dict
 from trap2.errors import ConfigError
 from trap2.eval.evaluate import accuracy, base_state, scaling_curve
@@ -56,6 +56,9 @@ class DemoConfig:
     hparam_search: bool = help_field(
         "also search each method's hyperparameters coordinate-wise (slower)", False
     )
+    baselines: tuple[str, ...] = help_field(
+        "post-hoc defenses attacked like Trap² (Transformers only): params (PaRaMS), merge_lock", ()
+    )
     scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
 
     def __post_init__(self) -> None:
@@ -63,7 +66,7 @@ class DemoConfig:
             raise ConfigError(
                 "demo: train.objective must be a protecting objective (e.g. 'trap2'), not 'none'"
             )
-        for name in ("methods", "spaces", "extra_searches"):
+        for name in ("methods", "spaces", "extra_searches", "baselines"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for m in self.methods:
             if m not in DATA_METHODS:
@@ -73,6 +76,9 @@ class DemoConfig:
         for se in self.extra_searches:
             if se not in SEARCHES or se == "global":
                 raise ConfigError(f"extra_searches: {se!r} is not one of per_task, pinned, restore, untrap")
+        for b in self.baselines:
+            if b not in BASELINES:
+                raise ConfigError(f"baselines: {b!r} is not one of {', '.join(BASELINES)}")
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
     def cells(self) -> list[tuple[str, str, str]]:
@@ -195,6 +201,18 @@ def evaluate_protection(
             ctx, pools, cells, tasks.index(target), cfg.hparam_search, lambda _r: advance(1)
         )
 
+    baselines = []
+    if cfg.baselines:
+        i = tasks.index(target)
+        with reporter.stage("attack: post-hoc baselines", len(cfg.baselines) * len(cells)) as advance:
+            for name in cfg.baselines:
+                defended = baseline_update(suite, updates[target], name)
+                pool = [defended if t == target else updates[t] for t in tasks]
+                for method, space, search in cells:
+                    rec = run_attack(ctx, pool, method, space, search, i, hparam_search=cfg.hparam_search)
+                    baselines.append({**rec, "defense": name})
+                    advance(1)
+
     report = {
         "suite": suite.name,
         "target": target,
@@ -204,12 +222,35 @@ def evaluate_protection(
         "standalone": {"unprotected": standalone, "protected": {target: prot_test}},
         "scaling_curve": {"s": list(cfg.scales), "unprotected": curve_plain, "protected": curve_prot},
         "attacks": attacks,
+        **({"baselines": baselines} if baselines else {}),
         "config": to_dict(cfg),
         "wall_seconds": time.perf_counter() - t0,
         **(extra or {}),
     }
     write_report(report, out)
     return report
+
+
+BASELINES = ("params", "merge_lock")
+
+
+def baseline_update(suite: Suite, update: Update, defense: str) -> Update:
+    """The unprotected ``update`` released instead through a post-hoc defense: the full weights
+    W0 + ΔW reparameterised (function-preserving), as a dense delta from W0."""
+    from trap2.defenses import merge_lock, params_defense
+
+    n_heads = suite.info.get("n_heads")
+    if not isinstance(n_heads, int):
+        raise ConfigError(f"baselines need a Transformer suite (n_heads); {suite.name!r} has none")
+    w0 = base_state(suite.make_backbone())
+    delta = update.dense()
+    full = {n: w0[n] + delta[n] if n in delta else w0[n] for n in w0}
+    if defense == "params":
+        locked = params_defense(full, w0, n_heads=n_heads)
+    else:
+        locked = merge_lock(full, n_heads=n_heads)
+    meta = {**update.meta, "defense": defense}
+    return Update({n: locked[n] - w0[n] for n in w0 if not torch.equal(locked[n], w0[n])}, meta)
 
 
 def summary_rows(report: Mapping[str, Any]) -> Sequence[tuple[str, str, str]]:

@@ -21,7 +21,14 @@ LAYOUTS: dict[str, tuple[str, str, str, str, str, str]] = {
         "intermediate.dense",
         "output.dense",
     ),
-    "vit-v5": ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"),
+    "vit-v5": (
+        "attention.q_proj",
+        "attention.k_proj",
+        "attention.v_proj",
+        "attention.o_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+    ),
     "vit": (
         "attention.attention.query",
         "attention.attention.key",

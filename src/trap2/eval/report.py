@@ -57,8 +57,45 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {method} | {a['space']} | {a['search']} | {pool} | {coef} | "
             f"{pct(a['acc'][target])} | {pct(a['acc']['mean'])} | {verdict} |"
         )
-    lines += ["", *table2(report), f"Wall time: {report['wall_seconds']:.0f} s.", ""]
+    lines += ["", *table2(report), *threats_table(report), f"Wall time: {report['wall_seconds']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+DEFENSE_NAMES = {"params": "PaRaMS", "merge_lock": "Merge-Lock"}
+
+
+def threats_table(report: dict[str, Any]) -> list[str]:
+    """Stronger threats: every attack cell against the unprotected pool, Trap² and each post-hoc defense
+    (merged mean, target in brackets)."""
+    target = report["target"]
+    rows: dict[tuple[str, str, str], dict[str, str]] = {}
+
+    def cell(a: dict[str, Any]) -> str:
+        return f"{pct(a['acc']['mean'])} ({pct(a['acc'][target])})"
+
+    for a in report["attacks"]:
+        rows.setdefault((a["method"], a["space"], a["search"]), {})[
+            "Trap²" if a["protected"] else "unprotected"
+        ] = cell(a)
+    for a in report.get("baselines", []):
+        rows.setdefault((a["method"], a["space"], a["search"]), {})[DEFENSE_NAMES[a["defense"]]] = cell(a)
+    cols = [
+        "unprotected",
+        "Trap²",
+        *dict.fromkeys(DEFENSE_NAMES[a["defense"]] for a in report.get("baselines", [])),
+    ]
+    if len(cols) == 2 and len({k[2] for k in rows}) == 1:
+        return []  # nothing beyond table 2
+    lines = [
+        f"## Stronger threats: merged mean ({target}), zero-shot mean {pct(report['zero_shot']['mean'])}",
+        "",
+        "| attack | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for (m, sp, se), got in rows.items():
+        label = " ".join(x for x in (m, sp if sp != "full" else "", se if se != "global" else "") if x)
+        lines.append(f"| {label} | " + " | ".join(got.get(c, "–") for c in cols) + " |")
+    return [*lines, ""]
 
 
 def table2(report: dict[str, Any]) -> list[str]:

@@ -107,7 +107,11 @@ def build_suite() -> Suite:
         lora_targets=LORA_TARGETS,
         default_target=DEFAULT_TARGET,
         fingerprint=meta["sha256"],
-        info={"backbone": "DigitsViT " + meta["config"], "data": "sklearn.datasets.load_digits"},
+        info={
+            "backbone": "DigitsViT " + meta["config"],
+            "data": "sklearn.datasets.load_digits",
+            "n_heads": backbone.cfg.heads,
+        },
         recipes={"lora": {}, "full": {}},  # the TrainConfig defaults were tuned on this suite
     )
 

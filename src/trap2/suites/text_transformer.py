@@ -127,5 +127,9 @@ def build_suite(folder: Path | None = None) -> Suite:
         fingerprint=file_sha256(weights_file()),
         full_frozen=FULL_FROZEN,
         recipes=RECIPES,
-        info={"backbone": "all-MiniLM-L6-v2 (sentence-transformers)", "max_len": MAX_LEN},
+        info={
+            "backbone": "all-MiniLM-L6-v2 (sentence-transformers)",
+            "max_len": MAX_LEN,
+            "n_heads": backbone.bert.config.num_attention_heads,
+        },
     )
