@@ -15,7 +15,7 @@ from trap2.scaling import ScaledModel, base_params
 
 def test_registry_lists_and_rejects():
     assert {"none", "trap2"} <= set(OBJECTIVES.names())
-    with pytest.raises(UnknownNameError, match="valid: none, trap2"):
+    with pytest.raises(UnknownNameError, match="valid: flatten, none, trap2, trap2_split"):
         get_objective("trap3")
     with pytest.raises(ValueError, match="already registered"):
         OBJECTIVES.register("trap2", OBJECTIVES.get("trap2"))
