@@ -44,6 +44,10 @@ def main() -> None:
     with torch.no_grad():  # outside the block: the trained weights again
         torch.testing.assert_close(model(x), ref(x))
     print(f"rank {dist.get_rank()}: FSDP scaled forward and gradients OK", flush=True)
+    # every collective finished on both ranks before gloo is torn down: a rank that destroys the group
+    # while the other still has async work in flight aborts at exit ("terminate called without an
+    # active exception", seen once under CPU contention)
+    dist.barrier()
     dist.destroy_process_group()
 
 
