@@ -28,6 +28,14 @@ def data_dir() -> Path:
     return Path(os.environ.get("TRAP2_DATA") or Path.home() / ".cache" / "trap2")
 
 
+def env_path(variable: str, missing: str) -> Path:
+    """The folder named by ``$variable``; ``missing`` (what to set it to) is the error without it."""
+    value = os.environ.get(variable)
+    if not value:
+        raise DataError(f"{missing}: set {variable}")
+    return Path(value)
+
+
 def bigbench_source() -> Path:
     """Where the BIG-bench sdist is looked for: ``$TRAP2_BIGBENCH`` or the data cache's bigbench/."""
     return Path(os.environ.get("TRAP2_BIGBENCH") or data_dir() / "bigbench")

@@ -98,6 +98,25 @@ class Suite:
         return list(self.tasks)
 
 
+def prototype_tasks(
+    backbone: nn.Module,
+    prepared: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, str]]],
+    logit_scale: float,
+    transform: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+) -> dict[str, Task]:
+    """Tasks from prepared splits ({name: (tensors, meta)}), each head the class-mean prototypes of W0
+    features on its own training split; ``transform`` maps the stored inputs (e.g. uint8 → normalised)."""
+    tasks = {}
+    for name, (tensors, meta) in prepared.items():
+        splits = {s: Split(transform(tensors[f"x_{s}"]), tensors[f"y_{s}"]) for s in ("train", "val", "test")}
+        n_classes = int(meta.get("n_classes", int(splits["train"].y.max()) + 1))
+        head = prototype_head(backbone, splits["train"], n_classes, logit_scale)
+        tasks[name] = Task(
+            name, n_classes, splits["train"], splits["val"], splits["test"], head, meta.get("source", "")
+        )
+    return tasks
+
+
 @torch.no_grad()
 def prototype_head(backbone: nn.Module, split: Split, n_classes: int, logit_scale: float) -> CosineHead:
     """Class-mean prototypes of W0 features on the training split (no test labels involved)."""

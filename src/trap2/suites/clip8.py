@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trap2.data.prepare import TaskSource, data_dir, load_prepared, prepare_task
+from trap2.data.prepare import TaskSource, data_dir, env_path, load_prepared, prepare_task
 from trap2.errors import DataError
 from trap2.io import file_sha256
 from trap2.suites.base import CosineHead, Split, Suite, Task
@@ -56,21 +56,15 @@ RECIPES: dict[str, dict[str, object]] = {
 
 
 def model_path() -> Path:
-    env = os.environ.get("TRAP2_CLIP_MODEL")
-    if not env:
-        raise DataError(
-            "the clip8 suite reads CLIP from a local folder: set TRAP2_CLIP_MODEL to a saved CLIPModel "
-            "(e.g. CLIPModel.from_pretrained('openai/clip-vit-base-patch32').save_pretrained(DIR) where "
-            "the hub is reachable)"
-        )
-    return Path(env)
+    return env_path(
+        "TRAP2_CLIP_MODEL",
+        "the clip8 suite reads CLIP from a local folder, a saved CLIPModel (e.g. CLIPModel.from_pretrained("
+        "'openai/clip-vit-base-patch32').save_pretrained(DIR) where the hub is reachable)",
+    )
 
 
 def data_root() -> Path:
-    env = os.environ.get("TRAP2_CLIP8_DATA")
-    if not env:
-        raise DataError("the clip8 suite reads images from TRAP2_CLIP8_DATA/<dataset>/{train,test}/<class>/")
-    return Path(env)
+    return env_path("TRAP2_CLIP8_DATA", "the clip8 suite reads images from <dataset>/{train,test}/<class>/")
 
 
 def image_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from trap2.data.prepare import TaskSource, data_dir, load_prepared, prepare_task
+from trap2.data.prepare import TaskSource, data_dir, env_path, load_prepared, prepare_task
 from trap2.errors import DataError
 from trap2.suites.base import Split, Suite, Task
 
@@ -65,20 +65,14 @@ _ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
 
 
 def model_path() -> Path:
-    env = os.environ.get("TRAP2_MATH_MODEL")
-    if not env:
-        raise DataError(
-            "the math suite reads a causal LM from a local folder: set TRAP2_MATH_MODEL to a folder that "
-            "AutoModelForCausalLM.from_pretrained loads"
-        )
-    return Path(env)
+    return env_path(
+        "TRAP2_MATH_MODEL",
+        "the math suite reads a causal LM from a local folder that AutoModelForCausalLM.from_pretrained loads",
+    )
 
 
 def data_root() -> Path:
-    env = os.environ.get("TRAP2_MATH_DATA")
-    if not env:
-        raise DataError("the math suite reads TRAP2_MATH_DATA/<task>/{train,test}.jsonl (GSM8K format)")
-    return Path(env)
+    return env_path("TRAP2_MATH_DATA", "the math suite reads <task>/{train,test}.jsonl (GSM8K format)")
 
 
 def final_answer(text: str) -> str | None:

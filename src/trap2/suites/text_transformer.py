@@ -30,7 +30,7 @@ from pathlib import Path
 from trap2.data import sources
 from trap2.data.prepare import TaskSource, bigbench_source, load_prepared, prepare_task
 from trap2.io import file_sha256
-from trap2.suites.base import Split, Suite, Task, prototype_head
+from trap2.suites.base import Suite, prototype_tasks
 from trap2.suites.minilm import FULL_FROZEN, encode_texts, load_encoder, weights_file
 
 NAME = "text-transformer"
@@ -111,15 +111,8 @@ def prepare(
 
 def build_suite(folder: Path | None = None) -> Suite:
     backbone = load_encoder()
-    tasks = {}
-    for name in TASKS:
-        tensors, meta = load_prepared(NAME, name, MAX_LEN, folder, "tok")
-        splits = {s: Split(tensors[f"x_{s}"], tensors[f"y_{s}"]) for s in ("train", "val", "test")}
-        n_classes = int(meta.get("n_classes", int(splits["train"].y.max()) + 1))
-        head = prototype_head(backbone, splits["train"], n_classes, LOGIT_SCALE)
-        tasks[name] = Task(
-            name, n_classes, splits["train"], splits["val"], splits["test"], head, meta.get("source", "")
-        )
+    prepared = {name: load_prepared(NAME, name, MAX_LEN, folder, "tok") for name in TASKS}
+    tasks = prototype_tasks(backbone, prepared, LOGIT_SCALE)
     return Suite(
         name=NAME,
         tasks=tasks,

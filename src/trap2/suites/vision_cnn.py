@@ -22,7 +22,7 @@ from pathlib import Path
 from trap2.data import sources
 from trap2.data.prepare import TaskSource, bigbench_source, load_prepared, prepare_task
 from trap2.io import file_sha256
-from trap2.suites.base import Split, Suite, Task, prototype_head
+from trap2.suites.base import Suite, prototype_tasks
 from trap2.suites.efficientnet import load_efficientnet_lite0, normalise, weights_path
 
 NAME = "vision-cnn"
@@ -66,15 +66,8 @@ def prepare(bigbench: str | os.PathLike[str] | None = None, folder: Path | None 
 
 def build_suite(folder: Path | None = None) -> Suite:
     backbone = load_efficientnet_lite0()
-    tasks = {}
-    for name in TASKS:
-        tensors, meta = load_prepared(NAME, name, IMAGE_SIZE, folder)
-        splits = {s: Split(normalise(tensors[f"x_{s}"]), tensors[f"y_{s}"]) for s in ("train", "val", "test")}
-        n_classes = int(meta.get("n_classes", int(splits["train"].y.max()) + 1))
-        head = prototype_head(backbone, splits["train"], n_classes, LOGIT_SCALE)
-        tasks[name] = Task(
-            name, n_classes, splits["train"], splits["val"], splits["test"], head, meta.get("source", "")
-        )
+    prepared = {name: load_prepared(NAME, name, IMAGE_SIZE, folder) for name in TASKS}
+    tasks = prototype_tasks(backbone, prepared, LOGIT_SCALE, normalise)
     return Suite(
         name=NAME,
         tasks=tasks,
