@@ -39,7 +39,14 @@ LOGIT_SCALE = 50.0
 LORA_TARGETS = ("query", "key", "value", "dense")
 # ``trap2 bench`` settings (TrainConfig fields); 300 steps of batch 16 is 2.4 epochs of a 2,000 train split
 RECIPES: dict[str, dict[str, object]] = {
-    "lora": {"steps": 300, "batch_size": 16, "lr": 1e-3, "warmup_steps": 30, "checkpoint_every": 100},
+    "lora": {
+        "steps": 300,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "warmup_steps": 30,
+        "checkpoint_every": 100,
+        "objective": {"lam": 0.3},  # at 0.1 the trap was too narrow: 83 % at s = 0.75, merges above zero-shot
+    },
     "full": {"steps": 300, "batch_size": 16, "lr": 5e-5, "warmup_steps": 30, "checkpoint_every": 100},
 }
 
