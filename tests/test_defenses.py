@@ -126,7 +126,7 @@ def test_demo_attacks_the_baselines_like_trap2(tmp_path, digits):
     backbone = digits.make_backbone()
     w0 = base_state(backbone)
     for d in ("params", "merge_lock"):
-        locked = baseline_update(digits, plain, d)
+        locked = baseline_update(digits, plain, d, w0)
         want = accuracy(backbone, digits.task("rot90"), "test", apply_delta(w0, plain.dense()))
         assert accuracy(
             backbone, digits.task("rot90"), "test", apply_delta(w0, locked.dense())

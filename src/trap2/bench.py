@@ -16,7 +16,6 @@ Run:  trap2 bench --suite vision-cnn --out runs/bench-vision-cnn
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -24,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trap2.config import ObjectiveConfig, TrainConfig, config_hash, from_dict, help_field, to_dict
-from trap2.demo import CURVE_SCALES, DemoConfig, evaluate_protection, trained_update
+from trap2.config import TrainConfig, config_hash, from_dict, help_field, to_dict
+from trap2.demo import CURVE_SCALES, DemoConfig, evaluate_protection, trained_pool
 from trap2.errors import ConfigError
-from trap2.eval.report import threats_table
+from trap2.eval.report import pct, threats_table
 from trap2.io import write_json, write_text
 from trap2.progress import LogReporter, Reporter
 from trap2.suites import get_suite
@@ -48,7 +47,7 @@ class BenchConfig:
     methods: tuple[str, ...] = help_field("merge methods to attack with", ("ta", "ties", "tsv", "cart"))
     spaces: tuple[str, ...] = help_field("merge spaces", ("full",))
     extra_searches: tuple[str, ...] = help_field(
-        "searches run for task arithmetic besides the global one (per_task, pinned)", ()
+        "searches besides the global one: per_task, pinned, restore, untrap (see DemoConfig)", ()
     )
     hparam_search: bool = help_field("also search each method's hyperparameters (slower)", False)
     baselines: tuple[str, ...] = help_field(
@@ -127,11 +126,7 @@ def run_bench(
                 reporter_note(reporter, f"{mode} / {target}: finished earlier, reused")
                 cells.append(_summary(mode, done))
                 continue
-            plain_cfg = dataclasses.replace(demo.train, objective=ObjectiveConfig(name="none"))
-            updates = {
-                t: trained_update(suite, t, plain_cfg, cache, fresh, reporter) for t in suite.task_names
-            }
-            protected = trained_update(suite, target, demo.train, cache, fresh, reporter)
+            updates, protected = trained_pool(suite, target, demo.train, cache, fresh, reporter)
             report = evaluate_protection(
                 suite, target, updates, protected, demo, folder, reporter, time.perf_counter(),
                 {"bench_key": key, "mode": mode},
@@ -196,10 +191,6 @@ def _summary(mode: str, report: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
 def bench_markdown(summary: Mapping[str, Any]) -> str:
     """One table per mode: a row per protected target, merged means unprotected → protected."""
     lines = [f"# trap2 bench: suite {summary['suite']}", ""]
@@ -215,10 +206,10 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
         zs, ft = cells[0]["zero_shot"], cells[0]["fine_tuned"]
         lines += ["", f"## {mode}", ""]
         lines.append(
-            f"Zero-shot mean {_pct(zs['mean'])}; fine-tuned standalone mean {_pct(ft['mean'])}"
+            f"Zero-shot mean {pct(zs['mean'])}; fine-tuned standalone mean {pct(ft['mean'])}"
             + (
-                f"; protected standalone mean {_pct(sum(c['protected'] for c in cells) / len(cells))} "
-                f"vs fine-tuned {_pct(sum(ft[c['target']] for c in cells) / len(cells))} on the same "
+                f"; protected standalone mean {pct(sum(c['protected'] for c in cells) / len(cells))} "
+                f"vs fine-tuned {pct(sum(ft[c['target']] for c in cells) / len(cells))} on the same "
                 f"{len(cells)} target(s)."
             )
         )
@@ -228,12 +219,12 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
         lines.append("|" + "---|" * len(head))
         for c in cells:
             t = c["target"]
-            row = [t, _pct(zs[t]), _pct(ft[t]), _pct(c["protected"]), _pct(c["acc_s0.5"]), _pct(c["acc_s2"])]
+            row = [t, pct(zs[t]), pct(ft[t]), pct(c["protected"]), pct(c["acc_s0.5"]), pct(c["acc_s2"])]
             for m in methods:
                 pair = c["merges"].get(m, {})
                 row.append(
-                    f"{_pct(pair.get('unprotected', {}).get('mean'))} → "
-                    f"{_pct(pair.get('protected', {}).get('mean'))}"
+                    f"{pct(pair.get('unprotected', {}).get('mean'))} → "
+                    f"{pct(pair.get('protected', {}).get('mean'))}"
                 )
             lines.append("| " + " | ".join(row) + " |")
         for c in cells:

@@ -149,14 +149,17 @@ def run_demo(
     suite = get_suite(cfg.suite)
     target = cfg.target or suite.default_target
     suite.task(target)  # validates the name
-    tasks = suite.task_names
-    plain_cfg = dataclasses.replace(cfg.train, objective=ObjectiveConfig(name="none"))
-    cache = out / "updates"
-
-    updates = {t: trained_update(suite, t, plain_cfg, cache, fresh, reporter) for t in tasks}
-    protected = trained_update(suite, target, cfg.train, cache, fresh, reporter)
-
+    updates, protected = trained_pool(suite, target, cfg.train, out / "updates", fresh, reporter)
     return evaluate_protection(suite, target, updates, protected, cfg, out, reporter, t0)
+
+
+def trained_pool(
+    suite: Suite, target: str, train: TrainConfig, cache: Path, fresh: bool, reporter: Reporter
+) -> tuple[dict[str, Update], Update]:
+    """Every task's plain update (``train`` with objective 'none') and the target's protected one."""
+    plain_cfg = dataclasses.replace(train, objective=ObjectiveConfig(name="none"))
+    updates = {t: trained_update(suite, t, plain_cfg, cache, fresh, reporter) for t in suite.task_names}
+    return updates, trained_update(suite, target, train, cache, fresh, reporter)
 
 
 def evaluate_protection(
@@ -206,7 +209,7 @@ def evaluate_protection(
         i = tasks.index(target)
         with reporter.stage("attack: post-hoc baselines", len(cfg.baselines) * len(cells)) as advance:
             for name in cfg.baselines:
-                defended = baseline_update(suite, updates[target], name)
+                defended = baseline_update(suite, updates[target], name, w0)
                 pool = [defended if t == target else updates[t] for t in tasks]
                 for method, space, search in cells:
                     rec = run_attack(ctx, pool, method, space, search, i, hparam_search=cfg.hparam_search)
@@ -234,15 +237,14 @@ def evaluate_protection(
 BASELINES = ("params", "merge_lock")
 
 
-def baseline_update(suite: Suite, update: Update, defense: str) -> Update:
+def baseline_update(suite: Suite, update: Update, defense: str, w0: Mapping[str, torch.Tensor]) -> Update:
     """The unprotected ``update`` released instead through a post-hoc defense: the full weights
-    W0 + ΔW reparameterised (function-preserving), as a dense delta from W0."""
+    W0 + ΔW reparameterised (function-preserving), as a dense delta from the suite's ``w0``."""
     from trap2.defenses import merge_lock, params_defense
 
     n_heads = suite.info.get("n_heads")
     if not isinstance(n_heads, int):
         raise ConfigError(f"baselines need a Transformer suite (n_heads); {suite.name!r} has none")
-    w0 = base_state(suite.make_backbone())
     delta = update.dense()
     full = {n: w0[n] + delta[n] if n in delta else w0[n] for n in w0}
     if defense == "params":

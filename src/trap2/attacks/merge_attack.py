@@ -49,6 +49,7 @@ class EvalContext:
         self.backbone = self.suite.make_backbone().eval()
         self.w0 = base_state(self.backbone)
         self.evaluations = 0
+        self._untrapped: dict[int, tuple[Update, Update]] = {}  # id(update) -> (update kept alive, result)
         custom = any(self.suite.task(t).evaluate is not None for t in self.tasks)
         self._stacked = {} if custom else {split: self._stack(split) for split in ("val", "test")}
 
@@ -78,10 +79,9 @@ class EvalContext:
         """``update`` un-trapped on k labelled samples of its task (once per update)."""
         from trap2.attacks.untrap import untrap
 
-        cache = self.__dict__.setdefault("_untrapped", {})
-        if id(update) not in cache:
-            cache[id(update)] = (update, untrap(self.suite, update, update.meta["task"]))
-        return cache[id(update)][1]
+        if id(update) not in self._untrapped:
+            self._untrapped[id(update)] = (update, untrap(self.suite, update, update.meta["task"]))
+        return self._untrapped[id(update)][1]
 
     def params(self, delta: Mapping[str, torch.Tensor], c: float = 1.0) -> dict[str, torch.Tensor]:
         return apply_delta(self.w0, delta, c)
@@ -219,9 +219,9 @@ def run_attack(
             raise ConfigError("search='restore' needs the index of the protected member")
         member = pool[protected_index].dense()
         rest = restore_member(merged, member)  # the merge at its best hyperparameters, member removed
+        names = dict.fromkeys([*rest, *member])
 
         def restored(c_: float) -> dict[str, torch.Tensor]:
-            names = dict.fromkeys([*rest, *member])
             return {n: c_ * rest.get(n, 0) + member.get(n, 0) for n in names}
 
         found = search_coefficient(lambda c_: ctx.val_score(ctx.params(restored(c_))), grid)
