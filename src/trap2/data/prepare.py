@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from trap2.errors import DataError
-from trap2.io import load_tensors, save_tensors
+from trap2.io import file_sha256, load_tensors, save_tensors
 
 SPLIT_SEED = 20261123
 
@@ -34,6 +34,15 @@ def env_path(variable: str, missing: str) -> Path:
     if not value:
         raise DataError(f"{missing}: set {variable}")
     return Path(value)
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """The fingerprint of a local model folder's safetensors weights (the first shard's sha256, and the
+    shard count when there are several)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise DataError(f"{folder}: no .safetensors weights")
+    return file_sha256(files[0]) if len(files) == 1 else file_sha256(files[0]) + "+" + str(len(files))
 
 
 def bigbench_source() -> Path:

@@ -25,9 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trap2.data.prepare import TaskSource, data_dir, env_path, load_prepared, prepare_task
+from trap2.data.prepare import (
+    TaskSource,
+    data_dir,
+    env_path,
+    load_prepared,
+    prepare_task,
+    weights_fingerprint,
+)
 from trap2.errors import DataError
-from trap2.io import file_sha256
 from trap2.suites.base import CosineHead, Split, Suite, Task
 
 NAME = "clip8"
@@ -184,13 +190,6 @@ def zero_shot_head(clip: nn.Module, tokenizer, classes: list[str]) -> CosineHead
         emb = F.normalize(clip.text_projection(clip.text_model(**enc).pooler_output), dim=-1)
         protos.append(emb.mean(0))
     return CosineHead(torch.stack(protos), float(clip.logit_scale.exp()))
-
-
-def weights_fingerprint(path: Path) -> str:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise DataError(f"{path}: no .safetensors weights")
-    return file_sha256(files[0]) if len(files) == 1 else file_sha256(files[0]) + "+" + str(len(files))
 
 
 def build_suite(folder: Path | None = None, model: str | os.PathLike[str] | None = None) -> Suite:

@@ -30,7 +30,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from trap2.data.prepare import TaskSource, data_dir, env_path, load_prepared, prepare_task
+from trap2.data.prepare import (
+    TaskSource,
+    data_dir,
+    env_path,
+    load_prepared,
+    prepare_task,
+    weights_fingerprint,
+)
 from trap2.errors import DataError
 from trap2.suites.base import Split, Suite, Task
 
@@ -274,8 +281,6 @@ def build_suite(
     max_len: int = MAX_LEN,
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> Suite:
-    from trap2.suites.clip8 import weights_fingerprint
-
     path = Path(model) if model is not None else model_path()
     tok = tokenizer(path)
     metric = ExactMatch(tok, max_new_tokens)

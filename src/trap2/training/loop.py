@@ -88,7 +88,7 @@ def trainable_backbone(suite: Suite, cfg: TrainConfig) -> torch.nn.Module:
     if cfg.mode == "lora":
         return wrap_lora(backbone, suite, cfg)
     for name, p in backbone.named_parameters():
-        p.requires_grad_(not name.startswith(suite.full_frozen) if suite.full_frozen else True)
+        p.requires_grad_(not name.startswith(suite.full_frozen))  # startswith(()) is False
     return backbone
 
 
@@ -132,6 +132,8 @@ def train_update(
     gen = torch.Generator().manual_seed(cfg.seed)  # data order: the same for every objective
     scale_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the objective's own draws (scales s)
 
+    if init is not None and cfg.mode != "full":
+        raise ConfigError("train_update(init=...) starts full fine-tuning from W0 + ΔW; use mode='full'")
     backbone = trainable_backbone(suite, cfg)
     w0 = None
     model = TaskModel(backbone, task.head).to(device)
@@ -139,8 +141,6 @@ def train_update(
         w0 = base_params(model)  # W0, kept once
         if init is not None:
             start_from(model.backbone, init)
-    elif init is not None:
-        raise ConfigError("train_update(init=...) starts full fine-tuning from W0 + ΔW; use mode='full'")
     scaled = ScaledModel(model, cfg.mode, w0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
