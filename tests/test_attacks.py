@@ -285,6 +285,53 @@ def test_demo_cells_place_regmean_and_restore():
     ]
     with pytest.raises(ConfigError, match="per_task, pinned, restore"):
         DemoConfig(extra_searches=("greedy",))
+    cfg = DemoConfig(methods=("ta", "ties"), spaces=("full",), extra_searches=("prodistill", "recover10"))
+    assert cfg.cells() == [
+        ("ta", "full", "global"),
+        ("ties", "full", "global"),
+        ("ta", "full", "prodistill"),
+        ("ta", "full", "recover10"),
+        ("ties", "full", "recover10"),
+    ]
+
+
+def test_prodistill_learns_each_members_own_coefficients(ctx, digits):
+    from trap2.attacks.prodistill import distill_coefficients, merged_delta
+
+    d = ctx.updates[0].dense()
+    x = digits.task(digits.task_names[0]).train.x[:64]
+    # one member distilled from its own model: the optimum is c = 1 on every tensor
+    coef, names, history = distill_coefficients(ctx.backbone, ctx.w0, [d], [x], init=0.3, steps=80, lr=0.05)
+    assert coef.shape == (1, len(d)) and set(names) == set(d)
+    assert history[-1] < 0.05 * history[0]
+    assert float((coef - 1).abs().mean()) < 0.15
+    merged = merged_delta([d, d], torch.stack([coef[0], 2 * coef[0]]), names)
+    for j, n in enumerate(names):  # Σ_i c_{i,n} ΔW_{i,n}, checked by hand
+        torch.testing.assert_close(merged[n], 3 * float(coef[0, j]) * d[n])
+    with pytest.raises(ConfigError, match="one input batch per member"):
+        distill_coefficients(ctx.backbone, ctx.w0, [d, d], [x])
+
+
+def test_prodistill_search_is_never_worse_than_global_and_needs_ta(ctx):
+    g = run_attack(ctx, ctx.updates, "ta", "full", "global")
+    p = run_attack(ctx, ctx.updates, "ta", "full", "prodistill")
+    assert p["search"] == "prodistill" and p["val_score"] >= g["val_score"]
+    assert p["evaluations"] == g["evaluations"] + 1  # the distilled merge costs one validation pass
+    with pytest.raises(ConfigError, match="task arithmetic"):
+        run_attack(ctx, ctx.updates, "ties", "full", "prodistill")
+
+
+def test_recovery_fine_tunes_the_merge_on_k_samples_per_task(ctx, digits):
+    from trap2.attacks.recover import recover
+
+    tasks = digits.task_names
+    zero = {n: torch.zeros_like(v) for n, v in ctx.updates[0].dense().items()}
+    assert all(torch.equal(v, zero[n]) for n, v in recover(digits, tasks, ctx.w0, zero, 10, steps=0).items())
+    before = ctx.test_accs(ctx.w0)["mean"]
+    after = ctx.test_accs(ctx.params(recover(digits, tasks, ctx.w0, zero, 100, steps=60)))["mean"]
+    assert after > before + 0.05  # 100 labelled samples per task buy accuracy back from W0
+    rec = run_attack(ctx, ctx.updates, "ta", "full", "recover10")
+    assert rec["search"] == "recover10" and 0.0 < rec["acc"]["mean"] <= 1.0
 
 
 def test_untrapping_flattens_a_protected_update(digits, ctx):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from trap2.attacks import DATA_METHODS, SEARCHES, EvalContext, attack_matrix, run_attack
+from trap2.attacks import DATA_METHODS, SEARCHES, TA_SEARCHES, EvalContext, attack_matrix, run_attack
 from trap2.config import ObjectiveConfig, TrainConfig, config_hash, help_field, to_dict
 from trap2.errors import ConfigError
 from trap2.eval.evaluate import accuracy, base_state, scaling_curve
@@ -48,9 +48,11 @@ class DemoConfig:
         "merge spaces (task arithmetic is the same in all: run in full only)", ("full", "knots", "core")
     )
     extra_searches: tuple[str, ...] = help_field(
-        "searches besides the global one: per_task and pinned (task arithmetic), restore (every other "
-        "method: the protected member put back at its nominal scale after the merge), untrap (every "
-        "method: the member fine-tuned on 100 labelled samples to work at every scale first)",
+        "searches besides the global one: per_task, pinned and prodistill (task arithmetic: per-member, "
+        "member pinned at 1, per-layer coefficients distilled from unlabelled samples), restore (every "
+        "other method: the protected member put back at its nominal scale after the merge), untrap "
+        "(every method: the member fine-tuned on 100 labelled samples to work at every scale first), "
+        "recover10 / recover100 (every method: the merge fine-tuned on 10 / 100 labelled samples per task)",
         ("per_task", "pinned"),
     )
     hparam_search: bool = help_field(
@@ -75,7 +77,9 @@ class DemoConfig:
             SPACES.get(sp)
         for se in self.extra_searches:
             if se not in SEARCHES or se == "global":
-                raise ConfigError(f"extra_searches: {se!r} is not one of per_task, pinned, restore, untrap")
+                raise ConfigError(
+                    f"extra_searches: {se!r} is not one of {', '.join(x for x in SEARCHES if x != 'global')}"
+                )
         for b in self.baselines:
             if b not in BASELINES:
                 raise ConfigError(f"baselines: {b!r} is not one of {', '.join(BASELINES)}")
@@ -90,14 +94,12 @@ class DemoConfig:
             return ["full"] if m == "ta" or m in DATA_METHODS else spaces
 
         out = [(m, sp, "global") for m in self.methods for sp in where(m)]
+        every = ("untrap", "recover10", "recover100")  # every method, TA included
         if "ta" in self.methods:
-            out += [
-                ("ta", "full", se) for se in self.extra_searches if se in ("per_task", "pinned", "untrap")
-            ]
-        if "restore" in self.extra_searches:
-            out += [(m, sp, "restore") for m in self.methods if m != "ta" for sp in where(m)]
-        if "untrap" in self.extra_searches:
-            out += [(m, sp, "untrap") for m in self.methods if m != "ta" for sp in where(m)]
+            out += [("ta", "full", se) for se in self.extra_searches if se in (*TA_SEARCHES, *every)]
+        for se in self.extra_searches:
+            if se == "restore" or se in every:
+                out += [(m, sp, se) for m in self.methods if m != "ta" for sp in where(m)]
         return out
 
 

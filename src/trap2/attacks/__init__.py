@@ -3,6 +3,7 @@
 from trap2.attacks.merge_attack import (
     DATA_METHODS,
     SEARCHES,
+    TA_SEARCHES,
     EvalContext,
     attack_matrix,
     restore_member,
@@ -14,6 +15,7 @@ __all__ = [
     "DATA_METHODS",
     "PAPER_GRID",
     "SEARCHES",
+    "TA_SEARCHES",
     "EvalContext",
     "SearchResult",
     "attack_matrix",

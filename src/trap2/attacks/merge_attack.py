@@ -8,6 +8,15 @@ suite's validation split, then report test accuracy. Three searches:
   optimum (two sweeps over ``PER_TASK_GRID``); never worse than ``global`` on validation.
 - ``pinned``: the protected member fixed at its nominal scale, the others' common coefficient searched:
   W0 + merge(ΔW_p, c·ΔW_j≠p).
+- ``restore``: after a non-linear merge, the protected member's remnant removed and the member added
+  back at scale 1 (``restore_member``); the others' coefficient searched.
+- ``untrap``: the protected member fine-tuned alone on k labelled samples to work at every scale
+  (``attacks.untrap``), then the global search.
+- ``prodistill``: task arithmetic with one coefficient per member and tensor, learned from the global
+  optimum by distilling each member's standalone features on unlabelled samples
+  (``attacks.prodistill``); the better of the two on validation is kept.
+- ``recover10`` / ``recover100``: the global optimum fine-tuned on 10 / 100 labelled samples per task
+  (``attacks.recover``).
 
 The merged delta is computed once per hyperparameter setting for ``global``; each coefficient point is
 one evaluation (no re-merge, no model copy). Task arithmetic is linear, so per-member weights never
@@ -30,7 +39,9 @@ from trap2.merging import INTERNAL_HPARAMS, get_merge_method, merge_updates
 from trap2.suites.base import Suite
 from trap2.updates import Update, apply_delta
 
-SEARCHES = ("global", "per_task", "pinned", "restore", "untrap")
+SEARCHES = ("global", "per_task", "pinned", "restore", "untrap", "prodistill", "recover10", "recover100")
+# searches that re-weight members inside the merge (``prodistill``: per tensor, task arithmetic only)
+TA_SEARCHES = ("per_task", "pinned", "prodistill")
 # merges that need data besides the deltas (not in the pure-math registry); full space only
 DATA_METHODS = ("regmean",)
 PER_TASK_GRID: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
@@ -38,7 +49,9 @@ PER_TASK_GRID: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5
 
 @dataclass
 class EvalContext:
-    """Evaluation plumbing for one suite: W0 once, the normalisers (unprotected fine-tuned val accuracy)."""
+    """Evaluation plumbing for one suite: W0 once, the normalisers (unprotected fine-tuned val accuracy).
+
+    Each pool's global search is remembered, so set the normalisers before the first attack."""
 
     suite: Suite
     normalisers: Mapping[str, float]
@@ -50,6 +63,8 @@ class EvalContext:
         self.w0 = base_state(self.backbone)
         self.evaluations = 0
         self._untrapped: dict[int, tuple[Update, Update]] = {}  # id(update) -> (update kept alive, result)
+        # (ids of the pool's updates, method, space, hparam_search) -> (pool kept alive, c, score, hp, n)
+        self._global: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         custom = any(self.suite.task(t).evaluate is not None for t in self.tasks)
         self._stacked = {} if custom else {split: self._stack(split) for split in ("val", "test")}
 
@@ -156,8 +171,10 @@ def run_attack(
         pool = [ctx.untrapped(u) if i == protected_index else u for i, u in enumerate(pool)]
         rec = run_attack(ctx, pool, method, space, "global", protected_index, hparams, hparam_search, grid)
         return {**rec, "search": "untrap"}
+    if search == "prodistill" and method != "ta":
+        raise ConfigError(f"search={search!r} runs with task arithmetic ('ta') only, not {method!r}")
     data_method = method in DATA_METHODS
-    if data_method and (space != "full" or search in ("per_task", "pinned")):
+    if data_method and (space != "full" or search in TA_SEARCHES):
         raise ConfigError(f"{method} runs in full space with the global or restore search only")
     m = None if data_method else get_merge_method(method)
     hp = (
@@ -167,24 +184,35 @@ def run_attack(
     )
     n_eval0 = ctx.evaluations
 
+    def merge_at(hp_: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return (
+            _regmean_merged(ctx, pool) if data_method else merge_updates(pool, method, space, **hp_).dense()
+        )
+
     def global_search(hp_: Mapping[str, Any]) -> tuple[float, float, dict[str, torch.Tensor]]:
-        if data_method:
-            merged = _regmean_merged(ctx, pool)
-        else:
-            merged = merge_updates(pool, method, space, **hp_).dense()  # once per hyperparameter setting
+        merged = merge_at(hp_)  # once per hyperparameter setting
         found = search_coefficient(lambda c: ctx.val_score(ctx.params(merged, c)), grid)
         return found.coefficient, found.score, merged
 
-    c, score, merged = global_search(hp)
-    if hparam_search and m is not None:
-        for name, spec in m.hparams.items():
-            for value in spec.grid:
-                if value == hp[name]:
-                    continue
-                trial = {**hp, name: value}
-                c2, s2, merged2 = global_search(trial)
-                if s2 > score:
-                    c, score, merged, hp = c2, s2, merged2, trial
+    # every search starts from the global optimum: found once per pool and cell, then reused (its
+    # evaluations still counted in each record that builds on it)
+    key = (tuple(id(u) for u in pool), method, space, hparam_search, tuple(sorted(hp.items())), tuple(grid))
+    if key in ctx._global:
+        _, c, score, hp, n_global = ctx._global[key]
+        n_eval0 -= n_global  # the record's budget includes the global search it builds on
+        merged = merge_at(hp)
+    else:
+        c, score, merged = global_search(hp)
+        if hparam_search and m is not None:
+            for name, spec in m.hparams.items():
+                for value in spec.grid:
+                    if value == hp[name]:
+                        continue
+                    trial = {**hp, name: value}
+                    c2, s2, merged2 = global_search(trial)
+                    if s2 > score:
+                        c, score, merged, hp = c2, s2, merged2, trial
+        ctx._global[key] = (tuple(pool), c, score, hp, ctx.evaluations - n_eval0)
     coefficients: list[float] = [c] * len(pool)
     params = ctx.params(merged, c)
 
@@ -214,6 +242,26 @@ def run_attack(
         score, coefficients = found.score, weights_at(found.coefficient)
         c = found.coefficient
         params = ctx.params(fn(coefficients))
+    elif search == "prodistill":
+        from trap2.attacks.prodistill import N_SAMPLES, distill_coefficients, merged_delta
+
+        dense = [u.dense() for u in pool]
+        tasks = [u.meta.get("task") or ctx.tasks[i] for i, u in enumerate(pool)]
+        inputs = [ctx.suite.task(t).train.x[:N_SAMPLES] for t in tasks]  # unlabelled: labels never read
+        coef, names, _ = distill_coefficients(ctx.backbone, ctx.w0, dense, inputs, init=c)
+        distilled = merged_delta(dense, coef, names)
+        s = ctx.val_score(ctx.params(distilled))
+        if s > score:  # the attacker keeps whichever merge validates better
+            score, params = s, ctx.params(distilled)
+            coefficients = [float(v) for v in coef.mean(1)]  # per member, averaged over tensors
+    elif search in ("recover10", "recover100"):
+        from trap2.attacks.recover import recover
+
+        k = int(search.removeprefix("recover"))
+        tasks = [u.meta.get("task") or ctx.tasks[i] for i, u in enumerate(pool)]
+        scaled = {n: c * d for n, d in merged.items()}
+        params = ctx.params(recover(ctx.suite, tasks, ctx.w0, scaled, k, backbone=ctx.backbone))
+        score = ctx.val_score(params)
     elif search == "restore":
         if protected_index is None:
             raise ConfigError("search='restore' needs the index of the protected member")
