@@ -47,7 +47,8 @@ class BenchConfig:
     methods: tuple[str, ...] = help_field("merge methods to attack with", ("ta", "ties", "tsv", "cart"))
     spaces: tuple[str, ...] = help_field("merge spaces", ("full",))
     extra_searches: tuple[str, ...] = help_field(
-        "searches besides the global one: per_task, pinned, prodistill, restore, untrap, recover10, recover100 (see DemoConfig)", ()
+        "searches besides the global one: per_task, pinned, prodistill, restore, untrap, recover10, recover100 (see DemoConfig)",
+        (),
     )
     hparam_search: bool = help_field("also search each method's hyperparameters (slower)", False)
     baselines: tuple[str, ...] = help_field(

@@ -95,6 +95,51 @@ def threats_table(report: dict[str, Any]) -> list[str]:
     for (m, sp, se), got in rows.items():
         label = " ".join(x for x in (m, sp if sp != "full" else "", se if se != "global" else "") if x)
         lines.append(f"| {label} | " + " | ".join(got.get(c, "–") for c in cols) + " |")
+    return [*lines, "", *recovery_lines(report)]
+
+
+def recovery_gaps(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each recovery cell: the share of the gap between the Trap² merge and the unprotected merge
+    (both from the global search) that fine-tuning the Trap² merge on k samples per task closes."""
+    mean = {
+        (a["method"], a["space"], a["search"], a["protected"]): a["acc"]["mean"] for a in report["attacks"]
+    }
+    out = []
+    for (m, sp, se, prot), acc in mean.items():
+        if not (prot and se.startswith("recover")):
+            continue
+        trapped, plain = mean.get((m, sp, "global", True)), mean.get((m, sp, "global", False))
+        if trapped is None or plain is None:
+            continue
+        gap = plain - trapped
+        out.append(
+            {
+                "method": m,
+                "space": sp,
+                "search": se,
+                "trap2": trapped,
+                "unprotected": plain,
+                "recovered": acc,
+                "unprotected_recovered": mean.get((m, sp, se, False)),
+                "closed": (acc - trapped) / gap if gap > 1e-9 else None,
+            }
+        )
+    return out
+
+
+def recovery_lines(report: dict[str, Any]) -> list[str]:
+    gaps = recovery_gaps(report)
+    if not gaps:
+        return []
+    lines = ["Recovery fine-tuning of the merge (k labelled samples per task), Trap² pool:", ""]
+    for g in gaps:
+        closed = "no gap to close" if g["closed"] is None else f"closes {100 * g['closed']:.0f} % of the gap"
+        where = g["method"] + ("" if g["space"] == "full" else f" {g['space']}")
+        lines.append(
+            f"- {where}, k = {g['search'].removeprefix('recover')}: {pct(g['trap2'])} → {pct(g['recovered'])} "
+            f"(unprotected merge {pct(g['unprotected'])}, itself recovered to "
+            f"{pct(g['unprotected_recovered'])}): {closed}."
+        )
     return [*lines, ""]
 
 
