@@ -332,6 +332,8 @@ def test_recovery_fine_tunes_the_merge_on_k_samples_per_task(ctx, digits):
     assert after > before + 0.05  # 100 labelled samples per task buy accuracy back from W0
     rec = run_attack(ctx, ctx.updates, "ta", "full", "recover10")
     assert rec["search"] == "recover10" and 0.0 < rec["acc"]["mean"] <= 1.0
+    # the W0 reference: the same recovery from W0, once per k (the same object when asked again)
+    assert rec["from_w0"] is ctx.recovered_from_w0(10, list(zero)) and 0.0 < rec["from_w0"]["mean"] <= 1.0
 
 
 def test_untrapping_flattens_a_protected_update(digits, ctx):

@@ -65,6 +65,7 @@ class EvalContext:
         self._untrapped: dict[int, tuple[Update, Update]] = {}  # id(update) -> (update kept alive, result)
         # (ids of the pool's updates, method, space, hparam_search) -> (pool kept alive, c, score, hp, n)
         self._global: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._from_w0: dict[tuple[Any, ...], dict[str, float]] = {}
         custom = any(self.suite.task(t).evaluate is not None for t in self.tasks)
         self._stacked = {} if custom else {split: self._stack(split) for split in ("val", "test")}
 
@@ -97,6 +98,19 @@ class EvalContext:
         if id(update) not in self._untrapped:
             self._untrapped[id(update)] = (update, untrap(self.suite, update, update.meta["task"]))
         return self._untrapped[id(update)][1]
+
+    def recovered_from_w0(self, k: int, names: Sequence[str]) -> dict[str, float]:
+        """Test accuracies of W0 itself after the recovery fine-tuning (the reference a merge must beat
+        to be worth anything to an attacker with k labelled samples per task); once per k and tensors."""
+        from trap2.attacks.recover import recover
+
+        key = (k, tuple(sorted(names)))
+        if key not in self._from_w0:
+            zero = {n: torch.zeros_like(self.w0[n]) for n in key[1]}
+            self._from_w0[key] = self.test_accs(
+                self.params(recover(self.suite, self.tasks, self.w0, zero, k, backbone=self.backbone))
+            )
+        return self._from_w0[key]
 
     def params(self, delta: Mapping[str, torch.Tensor], c: float = 1.0) -> dict[str, torch.Tensor]:
         return apply_delta(self.w0, delta, c)
@@ -183,6 +197,7 @@ def run_attack(
         else {k: v for k, v in m.resolve(**(hparams or {})).items() if k not in INTERNAL_HPARAMS}
     )
     n_eval0 = ctx.evaluations
+    extra: dict[str, Any] = {}
 
     def merge_at(hp_: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return (
@@ -262,6 +277,7 @@ def run_attack(
         scaled = {n: c * d for n, d in merged.items()}
         params = ctx.params(recover(ctx.suite, tasks, ctx.w0, scaled, k, backbone=ctx.backbone))
         score = ctx.val_score(params)
+        extra["from_w0"] = ctx.recovered_from_w0(k, list(merged))
     elif search == "restore":
         if protected_index is None:
             raise ConfigError("search='restore' needs the index of the protected member")
@@ -287,6 +303,7 @@ def run_attack(
         "val_score": score,
         "evaluations": ctx.evaluations - n_eval0,
         "acc": ctx.test_accs(params),
+        **extra,
     }
 
 

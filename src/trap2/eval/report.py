@@ -104,6 +104,7 @@ def recovery_gaps(report: dict[str, Any]) -> list[dict[str, Any]]:
     mean = {
         (a["method"], a["space"], a["search"], a["protected"]): a["acc"]["mean"] for a in report["attacks"]
     }
+    from_w0 = {a["search"]: a["from_w0"]["mean"] for a in report["attacks"] if "from_w0" in a}
     out = []
     for (m, sp, se, prot), acc in mean.items():
         if not (prot and se.startswith("recover")):
@@ -121,6 +122,7 @@ def recovery_gaps(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "unprotected": plain,
                 "recovered": acc,
                 "unprotected_recovered": mean.get((m, sp, se, False)),
+                "from_w0": from_w0.get(se),
                 "closed": (acc - trapped) / gap if gap > 1e-9 else None,
             }
         )
@@ -138,7 +140,7 @@ def recovery_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"- {where}, k = {g['search'].removeprefix('recover')}: {pct(g['trap2'])} → {pct(g['recovered'])} "
             f"(unprotected merge {pct(g['unprotected'])}, itself recovered to "
-            f"{pct(g['unprotected_recovered'])}): {closed}."
+            f"{pct(g['unprotected_recovered'])}; W0 itself recovered to {pct(g['from_w0'])}): {closed}."
         )
     return [*lines, ""]
 
