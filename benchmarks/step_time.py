@@ -7,7 +7,9 @@ full fine-tuning. Suites: ``digits`` (102k-parameter ViT, batch 64) and ``vision
 EfficientNet-Lite0, 4.65 M parameters, 32 px, batch 32; needs ``trap2 data prepare vision-cnn``). Objectives are timed in interleaved rounds (plain, trap2, trap2_split, plain, …) so
 drift in the machine's speed hits each alike; the median step time per objective is printed as a ratio
 to plain. Peak memory: each objective runs alone in a child process at batch 4096 (so activations,
-not start-up, set the peak) and its peak RSS above the same process's start-up is compared.
+not start-up, set the peak) and its peak RSS above the same process's start-up is compared. A
+reference row times plain fine-tuning run as two half-batch calls: the floor of a step that, like
+trap2_split under full fine-tuning, runs its nominal and off-nominal halves as separate calls.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 OBJECTIVES = ("none", "trap2", "trap2_split")
+# a reference timed beside them: plain fine-tuning run as two half-batch calls (no scaling at all), the
+# floor for trap2_split's full fine-tuning step, which runs the nominal and off-nominal halves separately
+HALVES = "none_halves"
 # per suite: (training batch, memory batch); the memory batch is large enough that activations, not
 # start-up, set the peak
 BATCHES = {"digits": (64, 4096), "vision-cnn": (32, 256)}
@@ -49,7 +54,7 @@ def make_step(mode: str, objective: str, batch: int, suite_name: str = "digits")
     scaled = ScaledModel(model, mode, base_params(model) if mode == "full" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    obj = get_objective(ObjectiveConfig(name=objective))
+    obj = get_objective(ObjectiveConfig(name="none" if objective == HALVES else objective))
     gen = torch.Generator().manual_seed(0)
     reps = -(-batch // len(task.train))
     x = task.train.x.repeat(reps, *[1] * (task.train.x.dim() - 1))[:batch]
@@ -61,15 +66,22 @@ def make_step(mode: str, objective: str, batch: int, suite_name: str = "digits")
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
-    return step
+    def halves() -> None:  # plain fine-tuning in two half-batch calls: the floor of any split-call step
+        opt.zero_grad(set_to_none=True)
+        h = len(y) // 2
+        F.cross_entropy(torch.cat([model(x[:h]), model(x[h:])]), y).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    return halves if objective == HALVES else step
 
 
 def timings(mode: str, steps: int, rounds: int, suite: str) -> dict[str, float]:
-    fns = {o: make_step(mode, o, BATCHES[suite][0], suite) for o in OBJECTIVES}
+    fns = {o: make_step(mode, o, BATCHES[suite][0], suite) for o in (*OBJECTIVES, HALVES)}
     for fn in fns.values():  # warm-up
         for _ in range(5):
             fn()
-    per: dict[str, list[float]] = {o: [] for o in OBJECTIVES}
+    per: dict[str, list[float]] = {o: [] for o in fns}
     for _ in range(rounds):
         for o, fn in fns.items():
             t0 = time.perf_counter()
@@ -125,6 +137,7 @@ def main() -> None:
         for o in OBJECTIVES:
             ratio_m = mem[o] / mem["none"] if mem["none"] > 0 else float("nan")
             print(f"{mode:6} {o:12} {1000 * t[o]:8.2f} {t[o] / t['none']:8.2f} {mem[o]:15.1f} {ratio_m:8.2f}")
+        print(f"{mode:6} {HALVES:12} {1000 * t[HALVES]:8.2f} {t[HALVES] / t['none']:8.2f}   (reference)")
 
 
 if __name__ == "__main__":
