@@ -2,6 +2,8 @@
 the digits ViT (outputs equal to 1e-4), further from the base than the fine-tune was, refused on a
 CNN, and, applied to an adapter's ΔW alone, breaking the update standalone."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, ViTConfig, ViTModel
@@ -111,14 +113,17 @@ def test_demo_attacks_the_baselines_like_trap2(tmp_path, digits):
         spaces=("full",),
         extra_searches=("pinned",),
         baselines=("params", "merge_lock"),
+        baseline_searches=("global",),
         scales=(0.5, 1.0, 2.0),
     )
     report = run_demo(cfg, tmp_path)
     cells = {(a["method"], a["search"]) for a in report["attacks"]}
     assert cells == {("ta", "global"), ("ties", "global"), ("ta", "pinned")}
     assert {(b["defense"], b["method"], b["search"]) for b in report["baselines"]} == {
-        (d, m, s) for d in ("params", "merge_lock") for m, s in cells
+        (d, m, s) for d in ("params", "merge_lock") for m, s in cells if s == "global"
     }
+    with pytest.raises(ConfigError, match="baseline_searches: 'untrap'"):
+        dataclasses.replace(cfg, baseline_searches=("global", "untrap"))
     md = (tmp_path / "report.md").read_text()
     assert "Stronger threats" in md and "| PaRaMS | Merge-Lock |" in md
     # the released baseline works standalone exactly as the plain update it hides

@@ -54,6 +54,9 @@ class BenchConfig:
     baselines: tuple[str, ...] = help_field(
         "post-hoc defenses attacked like Trap² (Transformer suites): params (PaRaMS), merge_lock", ()
     )
+    baseline_searches: tuple[str, ...] | None = help_field(
+        "the searches the baselines get (null: all; see DemoConfig)", None
+    )
     scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
 
     def __post_init__(self) -> None:
@@ -89,6 +92,7 @@ class BenchConfig:
             extra_searches=self.extra_searches,
             hparam_search=self.hparam_search,
             baselines=self.baselines,
+            baseline_searches=self.baseline_searches,
             scales=self.scales,
         )
 

@@ -61,6 +61,11 @@ class DemoConfig:
     baselines: tuple[str, ...] = help_field(
         "post-hoc defenses attacked like Trap² (Transformers only): params (PaRaMS), merge_lock", ()
     )
+    baseline_searches: tuple[str, ...] | None = help_field(
+        "the searches the baselines are attacked with (null: every cell Trap² gets; 'global' and any "
+        "of extra_searches)",
+        None,
+    )
     scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
 
     def __post_init__(self) -> None:
@@ -83,6 +88,11 @@ class DemoConfig:
         for b in self.baselines:
             if b not in BASELINES:
                 raise ConfigError(f"baselines: {b!r} is not one of {', '.join(BASELINES)}")
+        if self.baseline_searches is not None:
+            object.__setattr__(self, "baseline_searches", tuple(self.baseline_searches))
+            for se in self.baseline_searches:
+                if se != "global" and se not in self.extra_searches:
+                    raise ConfigError(f"baseline_searches: {se!r} is neither 'global' nor in extra_searches")
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
     def cells(self) -> list[tuple[str, str, str]]:
@@ -209,11 +219,12 @@ def evaluate_protection(
     baselines = []
     if cfg.baselines:
         i = tasks.index(target)
-        with reporter.stage("attack: post-hoc baselines", len(cfg.baselines) * len(cells)) as advance:
+        b_cells = [c for c in cells if cfg.baseline_searches is None or c[2] in cfg.baseline_searches]
+        with reporter.stage("attack: post-hoc baselines", len(cfg.baselines) * len(b_cells)) as advance:
             for name in cfg.baselines:
                 defended = baseline_update(suite, updates[target], name, w0)
                 pool = [defended if t == target else updates[t] for t in tasks]
-                for method, space, search in cells:
+                for method, space, search in b_cells:
                     rec = run_attack(ctx, pool, method, space, search, i, hparam_search=cfg.hparam_search)
                     baselines.append({**rec, "defense": name})
                     advance(1)
