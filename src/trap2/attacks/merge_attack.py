@@ -144,11 +144,20 @@ def restore_member(
     return rest
 
 
+def _pool_tasks(ctx: EvalContext, pool: Sequence[Update]) -> list[str]:
+    """Each member's task: its own metadata, else the suite's task at its position."""
+    return [u.meta.get("task") or ctx.tasks[i] for i, u in enumerate(pool)]
+
+
+def _unlabelled_inputs(ctx: EvalContext, pool: Sequence[Update], n: int) -> list[torch.Tensor]:
+    """The first ``n`` training inputs of each member's task (labels never read)."""
+    return [ctx.suite.task(t).train.x[:n] for t in _pool_tasks(ctx, pool)]
+
+
 def _regmean_merged(ctx: EvalContext, pool: Sequence[Update]) -> dict[str, torch.Tensor]:
     from trap2.attacks.regmean import N_SAMPLES, regmean_delta
 
-    tasks = [u.meta.get("task") or ctx.tasks[i] for i, u in enumerate(pool)]
-    inputs = [ctx.suite.task(t).train.x[:N_SAMPLES] for t in tasks]  # unlabelled: labels never read
+    inputs = _unlabelled_inputs(ctx, pool, N_SAMPLES)
     return regmean_delta(ctx.backbone, ctx.w0, [u.dense() for u in pool], inputs)
 
 
@@ -261,21 +270,21 @@ def run_attack(
         from trap2.attacks.prodistill import N_SAMPLES, distill_coefficients, merged_delta
 
         dense = [u.dense() for u in pool]
-        tasks = [u.meta.get("task") or ctx.tasks[i] for i, u in enumerate(pool)]
-        inputs = [ctx.suite.task(t).train.x[:N_SAMPLES] for t in tasks]  # unlabelled: labels never read
+        inputs = _unlabelled_inputs(ctx, pool, N_SAMPLES)
         coef, names, _ = distill_coefficients(ctx.backbone, ctx.w0, dense, inputs, init=c)
-        distilled = merged_delta(dense, coef, names)
-        s = ctx.val_score(ctx.params(distilled))
+        distilled = ctx.params(merged_delta(dense, coef, names))
+        s = ctx.val_score(distilled)
         if s > score:  # the attacker keeps whichever merge validates better
-            score, params = s, ctx.params(distilled)
+            score, params = s, distilled
             coefficients = [float(v) for v in coef.mean(1)]  # per member, averaged over tensors
     elif search in ("recover10", "recover100"):
         from trap2.attacks.recover import recover
 
         k = int(search.removeprefix("recover"))
-        tasks = [u.meta.get("task") or ctx.tasks[i] for i, u in enumerate(pool)]
         scaled = {n: c * d for n, d in merged.items()}
-        params = ctx.params(recover(ctx.suite, tasks, ctx.w0, scaled, k, backbone=ctx.backbone))
+        params = ctx.params(
+            recover(ctx.suite, _pool_tasks(ctx, pool), ctx.w0, scaled, k, backbone=ctx.backbone)
+        )
         score = ctx.val_score(params)
         extra["from_w0"] = ctx.recovered_from_w0(k, list(merged))
     elif search == "restore":
