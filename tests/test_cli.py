@@ -45,6 +45,14 @@ def test_train_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment
     assert not (tmp_path / "u").exists()
 
 
+@pytest.mark.parametrize("args", [["protect"], ["train", "--no-such-option"]])
+def test_usage_errors_are_short_without_a_traceback(args):
+    r = cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "No such" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) < 15
+
+
 def test_dora_in_a_config_file_is_refused(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lora: {use_dora: true}\n")
     r = cli("train", "--out", str(tmp_path / "u"), "--config", str(tmp_path / "c.yaml"))
