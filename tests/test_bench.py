@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 import trap2.demo
-from trap2.bench import BenchConfig, run_bench
+from trap2.bench import BenchConfig, _cell_key, run_bench
 from trap2.cli import app
-from trap2.config import ObjectiveConfig, TrainConfig
-from trap2.demo import trained_update
+from trap2.config import ObjectiveConfig, TrainConfig, config_hash, to_dict
+from trap2.demo import DemoConfig, trained_update
 from trap2.errors import ConfigError
 
 FAST = dict(steps=20, eval_every=20)
@@ -67,6 +67,16 @@ def test_bench_cells_summary_and_resume(tmp_path, monkeypatch):
     assert "| rot90 |" in result.output
     assert json.loads((tmp_path / "bench.json").read_text())["cells"] == changed["cells"]
 
+    # a smaller pool: the cached updates of three tasks, merged among themselves (a new cell, no training)
+    monkeypatch.setattr(trap2.demo, "train_update", no_training)
+    result = CliRunner().invoke(
+        app, [*args, "--targets", "rot90", "--methods", "ta", "--tasks", "flip,rot90,parity"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "lora" / "rot90" / "report.json").read_text())
+    assert report["tasks"] == ["flip", "rot90", "parity"]
+    assert all(set(a["acc"]) == {"flip", "rot90", "parity", "mean"} for a in report["attacks"])
+
 
 def test_an_interrupted_training_run_resumes_to_the_same_update(tmp_path, digits):
     cfg = TrainConfig(steps=20, eval_every=5, checkpoint_every=10, objective=ObjectiveConfig(lam=0.1))
@@ -114,3 +124,25 @@ def test_bench_config_recipes_and_errors(digits):
         BenchConfig(full=TrainConfig(mode="full", objective=ObjectiveConfig(name="none")))
     with pytest.raises(Exception, match="unknown task"):
         BenchConfig(targets=("rot91",)).target_list(digits)
+
+
+def test_a_task_subset_is_the_pool_and_keeps_old_cell_keys(digits):
+    small = digits.subset(["flip", "parity", "rot90"])
+    assert small.task_names == ["flip", "parity", "rot90"] and small.default_target == "rot90"
+    assert small.task("flip") is digits.task("flip") and digits.subset([]) is digits
+    assert digits.subset(["flip", "parity"]).default_target == "flip"  # rot90 left out: the first
+    assert BenchConfig(targets=("all",)).target_list(small) == ["flip", "parity", "rot90"]
+    with pytest.raises(Exception, match="unknown task 'rot91'"):
+        digits.subset(["flip", "rot91"])
+    with pytest.raises(Exception, match="twice"):
+        digits.subset(["flip", "flip"])
+    with pytest.raises(Exception, match="at least two"):
+        digits.subset(["flip"])
+    with pytest.raises(ConfigError, match="not among tasks"):
+        DemoConfig(target="rot90", tasks=("flip", "parity"))
+    # the whole suite hashes as it did before the field existed: finished cells stay reusable
+    demo = BenchConfig().demo_config(digits, "lora", "rot90")
+    old = {k: v for k, v in to_dict(demo).items() if k != "tasks"}
+    assert _cell_key(digits, demo) == config_hash(digits.name, digits.fingerprint, old)
+    sub = BenchConfig(tasks=("flip", "rot90")).demo_config(digits, "lora", "rot90")
+    assert sub.tasks == ("flip", "rot90") and _cell_key(digits, sub) != _cell_key(digits, demo)

@@ -42,6 +42,9 @@ class BenchConfig:
     targets: tuple[str, ...] = help_field(
         "tasks protected (each in turn); empty = the suite's default target; ['all'] = every task", ()
     )
+    tasks: tuple[str, ...] = help_field(
+        "the tasks fine-tuned and merged: a subset of the suite's (empty = all)", ()
+    )
     lora: TrainConfig | None = help_field("LoRA training settings; null = the suite's recipe", None)
     full: TrainConfig | None = help_field("full fine-tuning settings; null = the suite's recipe", None)
     methods: tuple[str, ...] = help_field("merge methods to attack with", ("ta", "ties", "tsv", "cart"))
@@ -60,7 +63,7 @@ class BenchConfig:
     scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
 
     def __post_init__(self) -> None:
-        for name in ("modes", "targets", "methods", "spaces", "extra_searches", "baselines"):
+        for name in ("modes", "targets", "tasks", "methods", "spaces", "extra_searches", "baselines"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not self.modes or any(m not in MODES for m in self.modes):
             raise ConfigError(f"modes must be a non-empty subset of {', '.join(MODES)}; got {self.modes}")
@@ -86,6 +89,7 @@ class BenchConfig:
         return DemoConfig(
             suite=self.suite,
             target=target,
+            tasks=self.tasks,
             train=self.train_config(suite, mode),
             methods=self.methods,
             spaces=self.spaces,
@@ -107,7 +111,10 @@ class BenchConfig:
 
 
 def _cell_key(suite: Suite, demo: DemoConfig) -> str:
-    return config_hash(suite.name, suite.fingerprint, demo)
+    payload = to_dict(demo)
+    if not payload["tasks"]:
+        del payload["tasks"]  # every task: the key cells had before ``tasks`` existed, still valid
+    return config_hash(suite.name, suite.fingerprint, payload)
 
 
 def run_bench(
@@ -117,7 +124,7 @@ def run_bench(
     t0 = time.perf_counter()
     reporter = reporter or LogReporter()
     out = Path(out)
-    suite = get_suite(cfg.suite)
+    suite = get_suite(cfg.suite).subset(cfg.tasks)
     targets = cfg.target_list(suite)
     cache = out / "updates"
     cells: list[dict[str, Any]] = []

@@ -257,6 +257,10 @@ def bench(
         str | None,
         typer.Option(help="comma-separated tasks protected in turn, or 'all' (default: the suite's target)"),
     ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="comma-separated tasks fine-tuned and merged (default: all the suite's)"),
+    ] = None,
     methods: Annotated[
         str | None, typer.Option(help="comma-separated merge methods (default: ta,ties,tsv,cart)")
     ] = None,
@@ -275,7 +279,7 @@ def bench(
 
     _threads(threads)
     raw = load_yaml(config) if config else {}
-    given = {"suite": suite, "modes": _csv(modes), "targets": _csv(targets)}
+    given = {"suite": suite, "modes": _csv(modes), "targets": _csv(targets), "tasks": _csv(tasks)}
     given.update(methods=_csv(methods), spaces=_csv(spaces))
     raw.update({k: v for k, v in given.items() if v is not None})
     cfg = from_dict(BenchConfig, raw, "bench")

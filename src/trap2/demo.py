@@ -36,6 +36,10 @@ CURVE_SCALES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
 class DemoConfig:
     suite: str = help_field("registered suite", "digits")
     target: str | None = help_field("task whose update is protected; null = the suite's default", None)
+    tasks: tuple[str, ...] = help_field(
+        "the tasks fine-tuned and merged: a subset of the suite's (empty = all); the target is one of them",
+        (),
+    )
     train: TrainConfig = help_field(
         "training settings shared by every run; the protected run uses train.objective",
         default_factory=lambda: TrainConfig(objective=ObjectiveConfig(name="trap2")),
@@ -73,8 +77,10 @@ class DemoConfig:
             raise ConfigError(
                 "demo: train.objective must be a protecting objective (e.g. 'trap2'), not 'none'"
             )
-        for name in ("methods", "spaces", "extra_searches", "baselines"):
+        for name in ("tasks", "methods", "spaces", "extra_searches", "baselines"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.target is not None and self.tasks and self.target not in self.tasks:
+            raise ConfigError(f"target {self.target!r} is not among tasks {list(self.tasks)}")
         for m in self.methods:
             if m not in DATA_METHODS:
                 get_merge_method(m)
@@ -158,7 +164,7 @@ def run_demo(
     t0 = time.perf_counter()
     reporter = reporter or LogReporter()
     out = Path(out)
-    suite = get_suite(cfg.suite)
+    suite = get_suite(cfg.suite).subset(cfg.tasks)
     target = cfg.target or suite.default_target
     suite.task(target)  # validates the name
     updates, protected = trained_pool(suite, target, cfg.train, out / "updates", fresh, reporter)

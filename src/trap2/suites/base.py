@@ -5,7 +5,8 @@ Only the backbone update is trained and merged; heads stay frozen (like CLIP's z
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +97,20 @@ class Suite:
     @property
     def task_names(self) -> list[str]:
         return list(self.tasks)
+
+    def subset(self, names: Sequence[str]) -> Suite:
+        """The suite restricted to the tasks ``names`` (a smaller pool to merge); empty = unchanged. The
+        default target stays the suite's own when it is kept, else the first task named."""
+        if not names:
+            return self
+        for n in names:
+            self.task(n)  # validates the name
+        if len(set(names)) != len(names):
+            raise UnknownNameError(f"tasks: a task is named twice in {list(names)}")
+        if len(names) < 2:
+            raise UnknownNameError(f"tasks: a merge needs at least two tasks, got {list(names)}")
+        target = self.default_target if self.default_target in names else names[0]
+        return dataclasses.replace(self, tasks={n: self.tasks[n] for n in names}, default_target=target)
 
 
 def prototype_tasks(
