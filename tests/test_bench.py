@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import trap2.demo
 from trap2.bench import BenchConfig, _cell_key, run_bench
 from trap2.cli import app
-from trap2.config import ObjectiveConfig, TrainConfig, config_hash, to_dict
+from trap2.config import ObjectiveConfig, TrainConfig
 from trap2.demo import DemoConfig, trained_update
 from trap2.errors import ConfigError
 
@@ -126,7 +126,7 @@ def test_bench_config_recipes_and_errors(digits):
         BenchConfig(targets=("rot91",)).target_list(digits)
 
 
-def test_a_task_subset_is_the_pool_and_keeps_old_cell_keys(digits):
+def test_a_task_subset_is_the_pool_and_cells_are_keyed_by_their_pool(digits):
     small = digits.subset(["flip", "parity", "rot90"])
     assert small.task_names == ["flip", "parity", "rot90"] and small.default_target == "rot90"
     assert small.task("flip") is digits.task("flip") and digits.subset([]) is digits
@@ -140,9 +140,9 @@ def test_a_task_subset_is_the_pool_and_keeps_old_cell_keys(digits):
         digits.subset(["flip"])
     with pytest.raises(ConfigError, match="not among tasks"):
         DemoConfig(target="rot90", tasks=("flip", "parity"))
-    # the whole suite hashes as it did before the field existed: finished cells stay reusable
+    # a finished cell is keyed by its pool: a suite that gains a task redoes it
     demo = BenchConfig().demo_config(digits, "lora", "rot90")
-    old = {k: v for k, v in to_dict(demo).items() if k != "tasks"}
-    assert _cell_key(digits, demo) == config_hash(digits.name, digits.fingerprint, old)
+    grown = dataclasses.replace(digits, tasks={**digits.tasks, "extra": digits.task("flip")})
+    assert _cell_key(grown, demo) != _cell_key(digits, demo)
     sub = BenchConfig(tasks=("flip", "rot90")).demo_config(digits, "lora", "rot90")
-    assert sub.tasks == ("flip", "rot90") and _cell_key(digits, sub) != _cell_key(digits, demo)
+    assert sub.tasks == ("flip", "rot90") and _cell_key(small, sub) != _cell_key(digits, demo)

@@ -111,10 +111,9 @@ class BenchConfig:
 
 
 def _cell_key(suite: Suite, demo: DemoConfig) -> str:
-    payload = to_dict(demo)
-    if not payload["tasks"]:
-        del payload["tasks"]  # every task: the key cells had before ``tasks`` existed, still valid
-    return config_hash(suite.name, suite.fingerprint, payload)
+    """A finished cell is reused only for the same settings and the same pool of tasks (a suite that
+    gained tasks redoes its cells; the trained updates are cached apart and reused)."""
+    return config_hash(suite.name, suite.fingerprint, suite.task_names, demo)
 
 
 def run_bench(
