@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trap2.errors import UnknownNameError
+from trap2.errors import ConfigError, UnknownNameError
 
 
 @dataclass(frozen=True)
@@ -106,9 +106,9 @@ class Suite:
         for n in names:
             self.task(n)  # validates the name
         if len(set(names)) != len(names):
-            raise UnknownNameError(f"tasks: a task is named twice in {list(names)}")
+            raise ConfigError(f"tasks: a task is named twice in {list(names)}")
         if len(names) < 2:
-            raise UnknownNameError(f"tasks: a merge needs at least two tasks, got {list(names)}")
+            raise ConfigError(f"tasks: a merge needs at least two tasks, got {list(names)}")
         target = self.default_target if self.default_target in names else names[0]
         return dataclasses.replace(self, tasks={n: self.tasks[n] for n in names}, default_target=target)
 
