@@ -6,11 +6,12 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from trap2.config import ObjectiveConfig
-from trap2.errors import UnknownNameError
+from trap2.errors import ConfigError, UnknownNameError
 from trap2.objectives import OBJECTIVES, get_objective
 from trap2.objectives.base import same_random_draws
 from trap2.objectives.trap2 import sample_scales, scale_weight
 from trap2.scaling import ScaledModel, base_params
+from trap2.suites.base import CosineHead, TaskModel
 
 
 def test_registry_lists_and_rejects():
@@ -137,3 +138,65 @@ def test_bound_caps_the_off_nominal_term(tiny_net):
             assert off_term == pytest.approx(st.off_nominal)
         else:
             assert off_term == pytest.approx(0.5 * math.tanh(st.off_nominal / 0.5)) and off_term < 0.5
+
+
+def _cosine_task_model():
+    torch.manual_seed(4)
+    backbone = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 8)).double()
+    model = TaskModel(backbone, CosineHead(torch.randn(5, 8), logit_scale=10.0).double())
+    w0 = base_params(model)
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model, w0
+
+
+def test_collateral_gradient_equals_the_formula():
+    """J = L(1) − λ·w(s)·(L(s) + μ·mean(1 − cos(f(W0+sΔW), f(W0)))), f the backbone's output."""
+    model, w0 = _cosine_task_model()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 5, (16,))
+    cfg = ObjectiveConfig(lam=0.3, collateral=4.0)
+    st = get_objective(cfg).backward(
+        ScaledModel(model, "full", w0), x, y, F.cross_entropy, torch.Generator().manual_seed(5)
+    )
+    (s,) = st.scales
+    got = {n: p.grad.clone() for n, p in model.backbone.named_parameters()}
+    model.zero_grad()
+
+    params = dict(model.named_parameters())
+    at = lambda k: {n: w0[n] + k * (params[n] - w0[n]) for n in w0}  # noqa: E731
+    bb = {n.removeprefix("backbone."): v for n, v in w0.items() if n.startswith("backbone.")}
+    f0 = functional_call(model.backbone, bb, (x,))
+    fs = functional_call(model.backbone, {n.removeprefix("backbone."): v for n, v in at(s).items()}, (x,))
+    d = (1 - F.cosine_similarity(fs, f0, dim=-1)).mean()
+    ref = F.cross_entropy(model(x), y) - cfg.lam / s * (F.cross_entropy(model.head(fs), y) + 4.0 * d)
+    ref.backward()
+    assert st.loss == pytest.approx(float(ref.detach()), rel=1e-12)
+    assert st.disruption == pytest.approx(float(d.detach()), rel=1e-12) and 0 < st.disruption < 2
+    for n, p in model.backbone.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_collateral_zero_is_the_paper_objective_and_leaves_hooks_behind():
+    model, w0 = _cosine_task_model()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 5, (16,))
+    grads = []
+    for mu in (0.0, 1e-9, 2.0):
+        model.zero_grad()
+        st = get_objective(ObjectiveConfig(lam=0.3, collateral=mu)).backward(
+            ScaledModel(model, "full", w0), x, y, F.cross_entropy, torch.Generator().manual_seed(5)
+        )
+        grads.append(torch.cat([p.grad.flatten() for p in model.backbone.parameters()]))
+        assert (st.disruption is None) == (mu == 0)
+        assert not model.backbone._forward_hooks
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-9)
+    # μ > 0 pushes the features away from W0's: the gradient changes
+    assert float((grads[2] - grads[0]).norm()) > 1e-3 * float(grads[0].norm())
+
+
+def test_collateral_is_rejected_where_it_is_not_implemented():
+    with pytest.raises(ConfigError, match="collateral must be >= 0"):
+        ObjectiveConfig(collateral=-1.0)
+    for name in ("flatten", "trap2_split"):
+        with pytest.raises(ConfigError, match="collateral"):
+            get_objective(ObjectiveConfig(name=name, collateral=1.0))

@@ -102,3 +102,24 @@ def test_update_applies_the_same_as_the_trained_peft_model(digits):
     bb = digits.make_backbone()
     via_delta = accuracy(bb, task, "val", apply_delta(base_state(bb), r.update.dense(), 1.0))
     assert via_delta == pytest.approx(r.val_acc)
+
+
+def test_protect_steps_lengthens_the_protected_run_only(digits):
+    """The protected run takes protect_steps with the schedule stretched to them; the plain run it is
+    compared with keeps steps, and is exactly the plain run of a config without the field."""
+    cfg = dataclasses.replace(SHORT, protect_steps=60)
+    protected = train_update(digits, "flip", cfg)
+    assert protected.history[-1]["step"] == 60
+    longer = train_update(digits, "flip", dataclasses.replace(SHORT, steps=60))
+    for k, v in longer.update.dense().items():  # the same as asking for 60 steps outright
+        assert torch.equal(v, protected.update.dense()[k]), k
+
+    plain = train_update(digits, "flip", cfg.plain())
+    assert plain.history[-1]["step"] == SHORT.steps
+    reference = train_update(
+        digits, "flip", dataclasses.replace(SHORT, objective=ObjectiveConfig(name="none"))
+    )
+    for k, v in reference.update.dense().items():
+        assert torch.equal(v, plain.update.dense()[k]), k
+    with pytest.raises(ConfigError, match="protect_steps"):
+        TrainConfig(protect_steps=0)

@@ -9,13 +9,11 @@ The report is the demo's (``report.json`` / ``.md``, the scaling curve and a mer
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trap2.config import ObjectiveConfig
 from trap2.demo import DemoConfig, evaluate_protection, trained_update
 from trap2.errors import ConfigError
 from trap2.progress import LogReporter, Reporter
@@ -61,7 +59,7 @@ def run_audit(
         if t in given:
             raise ConfigError(f"--pool: two updates for task {t!r}")
         given[t] = u
-    plain_cfg = dataclasses.replace(cfg.train, objective=ObjectiveConfig(name="none"))
+    plain_cfg = cfg.train.plain()
     cache = out / "updates"
     updates = {
         t: given[t] if t in given else trained_update(suite, t, plain_cfg, cache, fresh, reporter)

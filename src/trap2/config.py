@@ -23,11 +23,16 @@ MODES = ("lora", "full")
 SELECTIONS = ("last", "best")
 
 
-def help_field(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    """A dataclass field carrying its help text (for the CLI and the docs)."""
+def help_field(text: str, default: Any = dataclasses.MISSING, hash_default: bool = True, **kw: Any) -> Any:
+    """A dataclass field carrying its help text (for the CLI and the docs).
+
+    ``hash_default=False``: the field is left out of :func:`config_hash` while it holds its default, so
+    a field added later does not change the cache keys of results made before it existed.
+    """
+    meta = {"help": text, "hash_default": hash_default}
     if default is dataclasses.MISSING and "default_factory" not in kw:
-        return field(metadata={"help": text}, **kw)
-    return field(default=default, metadata={"help": text}, **kw)
+        return field(metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,12 @@ class ObjectiveConfig:
     n_samples: int = help_field("number of scales s drawn per step (the paper uses 1)", 1)
     bound: float | None = help_field(
         "optional soft cap τ on the off-nominal loss: τ·tanh(L/τ) bounds −λ·w·L below; null = no cap", None
+    )
+    collateral: float = help_field(
+        "μ (trap2 only): the off-nominal term also rewards μ·(1 − cos) between the backbone's features at "
+        "W0 + s·ΔW and at W0, so an off-scale update breaks the other tasks of a merge too; 0 = the paper",
+        0.0,
+        hash_default=False,
     )
 
     def __post_init__(self) -> None:
@@ -69,6 +80,9 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.n_samples must be an integer >= 1, got {self.n_samples!r}")
         if self.bound is not None and not (math.isfinite(self.bound) and self.bound > 0):
             raise ConfigError(f"objective.bound must be null or a finite number > 0, got {self.bound}")
+        _finite(self, "collateral")
+        if self.collateral < 0:
+            raise ConfigError(f"objective.collateral must be >= 0, got {self.collateral}")
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,12 @@ class TrainConfig:
     objective: ObjectiveConfig = help_field("training objective", default_factory=ObjectiveConfig)
     lora: LoraSettings = help_field("LoRA settings (mode='lora')", default_factory=LoraSettings)
     steps: int = help_field("optimizer steps", 600)
+    protect_steps: int | None = help_field(
+        "optimizer steps of a protected run (any objective but 'none'); null = steps. The trap can need "
+        "longer than plain fine-tuning to reach the same standalone accuracy",
+        None,
+        hash_default=False,
+    )
     batch_size: int = help_field("mini-batch size", 64)
     lr: float | None = help_field("peak learning rate; null = 5e-3 for LoRA, 1e-3 for full", None)
     warmup_steps: int = help_field("linear warm-up steps before the cosine decay", 50)
@@ -144,6 +164,12 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.protect_steps is not None and (
+            not isinstance(self.protect_steps, int)
+            or isinstance(self.protect_steps, bool)
+            or self.protect_steps < 1
+        ):
+            raise ConfigError(f"protect_steps must be null or an integer >= 1, got {self.protect_steps!r}")
         if self.checkpoint_every is not None and (
             not isinstance(self.checkpoint_every, int)
             or isinstance(self.checkpoint_every, bool)
@@ -179,6 +205,21 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         return 5e-3 if self.mode == "lora" else 1e-3
+
+    @property
+    def run_steps(self) -> int:
+        """The steps this run takes: ``protect_steps`` for a protected objective, else ``steps``."""
+        if self.protect_steps is not None and self.objective.name != "none":
+            return self.protect_steps
+        return self.steps
+
+    def resolved(self) -> TrainConfig:
+        """This run as it trains: ``steps`` = :attr:`run_steps`, no ``protect_steps`` left to apply."""
+        return dataclasses.replace(self, steps=self.run_steps, protect_steps=None)
+
+    def plain(self) -> TrainConfig:
+        """The unprotected run these settings are compared with: objective 'none', the same schedule."""
+        return dataclasses.replace(self, objective=ObjectiveConfig(name="none"), protect_steps=None)
 
 
 def _finite(obj: Any, *names: str) -> None:
@@ -268,5 +309,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def config_hash(*parts: Any) -> str:
     """A short stable hash of JSON-able parts, used as a cache key."""
-    blob = json.dumps([to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
+    blob = json.dumps([_hashable(p) for p in parts], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _hashable(v: Any) -> Any:
+    """``to_dict`` without the fields marked ``hash_default=False`` that hold their default."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        out = {}
+        for f in dataclasses.fields(v):
+            value = getattr(v, f.name)
+            if not f.metadata.get("hash_default", True) and value == f.default:
+                continue
+            out[f.name] = _hashable(value)
+        return out
+    if isinstance(v, (list, tuple)):
+        return [_hashable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _hashable(x) for k, x in v.items()}
+    return v

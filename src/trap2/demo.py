@@ -139,7 +139,7 @@ def trained_update(
         shutil.rmtree(ckpt, ignore_errors=True)
     resume = cfg.checkpoint_every is not None and ckpt.is_dir()
     reporter = reporter or LogReporter()
-    with reporter.stage(f"train {task} ({cfg.objective.name}, {cfg.mode})", cfg.steps) as advance:
+    with reporter.stage(f"train {task} ({cfg.objective.name}, {cfg.mode})", cfg.run_steps) as advance:
         last = [0]
 
         def progress(step: int, _row: Mapping[str, float]) -> None:
@@ -175,7 +175,7 @@ def trained_pool(
     suite: Suite, target: str, train: TrainConfig, cache: Path, fresh: bool, reporter: Reporter
 ) -> tuple[dict[str, Update], Update]:
     """Every task's plain update (``train`` with objective 'none') and the target's protected one."""
-    plain_cfg = dataclasses.replace(train, objective=ObjectiveConfig(name="none"))
+    plain_cfg = train.plain()
     updates = {t: trained_update(suite, t, plain_cfg, cache, fresh, reporter) for t in suite.task_names}
     return updates, trained_update(suite, target, train, cache, fresh, reporter)
 

@@ -56,6 +56,10 @@ def test_arguments_validate_and_parse(tmp_path):
     )
     assert parsed.objective_config("lora") == ObjectiveConfig(lam=0.02, weight="inv_sqrt")
     assert args(tmp_path, trap2_lambda=None).objective_config("full").lam == 5e-3  # the paper's default
+    with pytest.raises(
+        ConfigError, match="collateral"
+    ):  # the Trainer has no feature tap: not dropped silently
+        Trap2TrainingArguments.objective_arguments(ObjectiveConfig(collateral=0.3))
 
 
 def test_plain_training_arguments_are_refused(tmp_path, digits):

@@ -29,7 +29,7 @@ def training_arguments(cfg: TrainConfig, output_dir: str | Path, **overrides: An
         raise ConfigError("the Trainer path releases the last step (select='last')")
     kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
-        max_steps=cfg.steps,
+        max_steps=cfg.run_steps,
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.peak_lr,
         warmup_steps=cfg.warmup_steps,

@@ -106,6 +106,10 @@ class Trap2TrainingArguments(TrainingArguments):
     @staticmethod
     def objective_arguments(cfg: ObjectiveConfig) -> dict[str, Any]:
         """The ``trap2_*`` keyword arguments that reproduce ``cfg``."""
+        if cfg.collateral:
+            raise ConfigError(
+                "objective.collateral is not offered by the Trainer path; train with the built-in loop"
+            )
         return {arg: getattr(cfg, field) for field, arg in OBJECTIVE_ARGS.items()}
 
 

@@ -23,6 +23,7 @@ class StepStats:
     nominal: float
     off_nominal: float | None = None
     scales: list[float] = field(default_factory=list)
+    disruption: float | None = None  # mean 1 − cos(features off scale, features at W0), if measured
 
 
 class Objective(Protocol):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from trap2.config import ObjectiveConfig
+from trap2.errors import ConfigError
 from trap2.objectives.base import LossFn, StepStats
 from trap2.objectives.trap2 import bounded, sample_scales, scale_weight
 from trap2.scaling import ScaledModel
@@ -25,6 +26,8 @@ class SplitTrap2Objective:
     name = "trap2_split"
 
     def __init__(self, cfg: ObjectiveConfig, off_fraction: float = OFF_FRACTION) -> None:
+        if cfg.collateral:
+            raise ConfigError("objective.collateral is implemented by the two-pass 'trap2' objective only")
         self.cfg = cfg
         self.off_fraction = off_fraction
 

@@ -4,15 +4,28 @@ s ~ U([s_min, 1−δ] ∪ [1+δ, s_max]) (length-weighted over the two intervals
 paper's rejection sampling), w(s) ∈ {1/s, 1/√s, 1}. Two forward and two backward passes per step on the
 same mini-batch with the same dropout mask; the gradients accumulate. With ``bound = τ`` the off-nominal
 loss enters as τ·tanh(L/τ), which keeps −λ·w·L from running away once the trap has formed.
+
+``collateral = μ > 0`` (an extension, not in the paper) adds μ·D(s) to the off-nominal term, with
+D(s) = mean over the batch of 1 − cos(f_{W0+sΔW}(x), f_{W0}(x)), f the backbone's features (the
+input of the frozen head) and f_{W0} from a third, gradient-free pass at s = 0. The paper's term
+only makes the protected task wrong off scale; a merge of many tasks then still serves the others.
+D pushes the whole representation away from the pretrained one, which every other task's head was
+built on. D ∈ [0, 2], so it cannot run away.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from trap2.config import ObjectiveConfig
+from trap2.errors import ConfigError
 from trap2.objectives.base import LossFn, StepStats, same_random_draws
 from trap2.scaling import ScaledModel
 
@@ -37,6 +50,29 @@ def bounded(loss: torch.Tensor, tau: float | None) -> torch.Tensor:
     return loss if tau is None else tau * torch.tanh(loss / tau)
 
 
+def disruption(features: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """mean(1 − cos) between two feature tensors along their last dimension (0 = same directions)."""
+    dtype = torch.promote_types(features.dtype, torch.float32)  # half precision is summed in float32
+    return (1.0 - F.cosine_similarity(features.to(dtype), base.to(dtype), dim=-1)).mean()
+
+
+@contextlib.contextmanager
+def feature_tap(model: ScaledModel) -> Iterator[list[torch.Tensor]]:
+    """Within the block, the list receives the backbone's output (the head's input) of every forward;
+    a model without a ``backbone`` gives its own output."""
+    seen: list[torch.Tensor] = []
+    module = getattr(model.model, "backbone", model.model)
+
+    def hook(_module: nn.Module, _inputs: object, output: Any) -> None:
+        seen.append(output if isinstance(output, torch.Tensor) else output[0])
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 class Trap2Objective:
     name = "trap2"
     sign = -1.0  # J = L(1) − λ·w(s)·L(s): accurate at s = 1, wrong elsewhere
@@ -49,25 +85,35 @@ class Trap2Objective:
     ) -> StepStats:
         cfg = self.cfg
         scales = sample_scales(cfg, cfg.n_samples, gen)
-        with same_random_draws(x.device) as replay:
+        with same_random_draws(x.device) as replay, feature_tap(model) as seen:
             nominal = loss_fn(model(x, 1.0), y)
             nominal.backward()
             j = float(nominal.detach())
-            off_values = []
+            if cfg.collateral:
+                replay()
+                with torch.no_grad():
+                    model(x, 0.0)
+                base = seen[-1].detach()
+            off_values, disrupted = [], []
             for s in scales:
                 replay()
                 off = loss_fn(model(x, s), y)
-                term = (self.sign * cfg.lam * scale_weight(cfg.weight, s) / len(scales)) * bounded(
-                    off, cfg.bound
-                )
+                trap = bounded(off, cfg.bound)
+                if cfg.collateral:
+                    d = disruption(seen[-1], base)
+                    trap = trap + cfg.collateral * d
+                    disrupted.append(float(d.detach()))
+                term = (self.sign * cfg.lam * scale_weight(cfg.weight, s) / len(scales)) * trap
                 term.backward()
                 j += float(term.detach())
                 off_values.append(float(off.detach()))
+                seen.clear()
         return StepStats(
             loss=j,
             nominal=float(nominal.detach()),
             off_nominal=sum(off_values) / len(off_values),
             scales=scales,
+            disruption=sum(disrupted) / len(disrupted) if disrupted else None,
         )
 
 
@@ -77,3 +123,10 @@ class FlattenObjective(Trap2Objective):
 
     name = "flatten"
     sign = 1.0
+
+    def __init__(self, cfg: ObjectiveConfig) -> None:
+        if cfg.collateral:
+            raise ConfigError(
+                "objective.collateral is a Trap² knob; flatten (un-trapping) would pull features towards W0's"
+            )
+        super().__init__(cfg)

@@ -125,6 +125,7 @@ def train_update(
     run on CPU). ``init`` (full mode): a dense ΔW to start from, W = W0 + ΔW; the update returned is
     still measured from W0.
     """
+    cfg = cfg.resolved()
     task = suite.task(task_name)
     objective = get_objective(cfg.objective)
     device = resolve_device(cfg.device)
@@ -242,6 +243,8 @@ def train_update(
         row = {"loss": st.loss, "nominal": st.nominal, "grad_norm": float(norm)}
         if st.off_nominal is not None:
             row["off_nominal"] = st.off_nominal
+        if st.disruption is not None:
+            row["disruption"] = st.disruption
         for k, v in row.items():
             stats_sum[k] = stats_sum.get(k, 0.0) + v
         n_sum += 1
