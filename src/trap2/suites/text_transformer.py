@@ -48,6 +48,7 @@ LORA_TARGETS = ("query", "key", "value", "dense")
 RECIPES: dict[str, dict[str, object]] = {
     "lora": {
         "steps": 300,
+        "protect_steps": 600,  # at 300 the protected hyperbaton trailed plain by 4.0 pp, at 600 by 1.2
         "batch_size": 16,
         "lr": 1e-3,
         "warmup_steps": 30,
