@@ -34,6 +34,8 @@ def cli(*args, cwd=None):
         ),
         (["--task", "rot45"], "unknown task 'rot45'"),
         (["--weight", "cube"], "inv, inv_sqrt, none"),
+        (["--law", "normal"], "objective.law must be one of uniform, log"),
+        (["--collateral", "-0.5"], "collateral must be >= 0"),
         (["--config", "missing.yaml"], "no such config file"),
     ],
 )
@@ -60,7 +62,19 @@ def test_dora_in_a_config_file_is_refused(tmp_path):
 
 
 def test_train_command_writes_a_peft_adapter(tmp_path):
-    r = cli("train", "--out", str(tmp_path / "u"), "--task", "flip", "--steps", "20", "--threads", "1")
+    r = cli(
+        "train",
+        "--out",
+        str(tmp_path / "u"),
+        "--task",
+        "flip",
+        "--steps",
+        "20",
+        "--threads",
+        "1",
+        "--law",
+        "log",
+    )
     assert r.returncode == 0, r.stderr
     assert "test acc" in r.stdout
     from peft import PeftModel
@@ -73,6 +87,7 @@ def test_train_command_writes_a_peft_adapter(tmp_path):
     assert model(torch.zeros(2, 8, 8)).shape == (2, 64)
     meta = json.loads((tmp_path / "u" / "trap2.json").read_text())
     assert meta["objective"]["name"] == "trap2" and meta["task"] == "flip"
+    assert meta["objective"]["law"] == "log"
 
 
 def test_listings():

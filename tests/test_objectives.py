@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from trap2.config import ObjectiveConfig
+from trap2.config import ObjectiveConfig, config_hash
 from trap2.errors import ConfigError, UnknownNameError
 from trap2.objectives import OBJECTIVES, get_objective
 from trap2.objectives.base import same_random_draws
@@ -34,6 +34,29 @@ def test_scales_cover_both_sides_and_avoid_the_band():
         and scale_weight("inv_sqrt", 0.25) == 2.0
         and scale_weight("none", 3) == 1
     )
+
+
+def test_log_law_is_uniform_in_log_s_over_the_same_union():
+    cfg = ObjectiveConfig(s_min=0.05, s_max=2.0, delta=0.05, law="log")
+    s = torch.tensor(sample_scales(cfg, 40000, torch.Generator().manual_seed(1)), dtype=torch.float64)
+    assert s.min() >= 0.05 and s.max() <= 2.0
+    assert not ((s > 0.95) & (s < 1.05)).any()
+    log = math.log
+    total = (log(0.95) - log(0.05)) + (log(2.0) - log(1.05))
+    # each interval's mass is its length in log s; [0.05, 0.1] weighs as much as [0.475, 0.95]
+    for lo, hi in [(0.05, 0.1), (0.475, 0.95), (1.05, 2.0)]:
+        expected = (log(hi) - log(lo)) / total
+        assert abs(float(((s >= lo) & (s <= hi)).double().mean()) - expected) < 0.01
+    # the paper's law puts 0.05 / 1.85 of its mass on [0.05, 0.1]; log puts ~5x more
+    uniform = torch.tensor(sample_scales(ObjectiveConfig(), 40000, torch.Generator().manual_seed(1)))
+    assert float((uniform <= 0.1).float().mean()) < 0.035 < 0.15 < float((s <= 0.1).double().mean())
+    with pytest.raises(ConfigError, match="objective.law must be one of uniform, log"):
+        ObjectiveConfig(law="loguniform")
+
+
+def test_law_default_keeps_cache_keys():
+    assert config_hash(ObjectiveConfig()) == config_hash(ObjectiveConfig(law="uniform"))
+    assert config_hash(ObjectiveConfig()) != config_hash(ObjectiveConfig(law="log"))
 
 
 def _full_model(tiny_net):

@@ -47,7 +47,7 @@ def _train_config(base: dict[str, Any], **overrides: Any) -> Any:
 
     data = dict(base)
     objective = dict(data.get("objective", {}))
-    for key in ("lam", "s_min", "s_max", "delta", "weight", "bound"):
+    for key in ("lam", "s_min", "s_max", "delta", "weight", "law", "bound", "collateral"):
         if overrides.get(key) is not None:
             objective[key] = overrides.pop(key)
     if overrides.get("objective") is not None:
@@ -74,7 +74,11 @@ def train(
     s_max: Annotated[float | None, typer.Option(help="largest sampled scale")] = None,
     delta: Annotated[float | None, typer.Option(help="excluded band half-width δ around s = 1")] = None,
     weight: Annotated[str | None, typer.Option(help="w(s): inv, inv_sqrt or none")] = None,
+    law: Annotated[str | None, typer.Option(help="how s is drawn: uniform (the paper) or log")] = None,
     bound: Annotated[float | None, typer.Option(help="soft cap τ on the off-nominal loss")] = None,
+    collateral: Annotated[
+        float | None, typer.Option(help="μ: also reward off-scale feature disruption (extension)")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto")] = None,
     checkpoint_every: Annotated[
@@ -109,7 +113,9 @@ def train(
         s_max=s_max,
         delta=delta,
         weight=weight,
+        law=law,
         bound=bound,
+        collateral=collateral,
         seed=seed,
         device=device,
         checkpoint_every=checkpoint_every,

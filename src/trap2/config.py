@@ -19,6 +19,7 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 from trap2.errors import ConfigError
 
 WEIGHTINGS = ("inv", "inv_sqrt", "none")
+SCALE_LAWS = ("uniform", "log")
 MODES = ("lora", "full")
 SELECTIONS = ("last", "best")
 
@@ -48,6 +49,12 @@ class ObjectiveConfig:
     delta: float = help_field("half-width δ of the excluded band (1-δ, 1+δ) around the nominal scale", 0.05)
     weight: str = help_field("w(s): 'inv' = 1/s (vision), 'inv_sqrt' = 1/√s (LLM), 'none' = 1", "inv")
     n_samples: int = help_field("number of scales s drawn per step (the paper uses 1)", 1)
+    law: str = help_field(
+        "how s is drawn over [s_min, 1−δ] ∪ [1+δ, s_max]: 'uniform' (the paper) or 'log' (uniform in log s: "
+        "as much mass on [0.05, 0.1] as on [0.5, 1], where a merge coefficient search goes)",
+        "uniform",
+        hash_default=False,
+    )
     bound: float | None = help_field(
         "optional soft cap τ on the off-nominal loss: τ·tanh(L/τ) bounds −λ·w·L below; null = no cap", None
     )
@@ -76,6 +83,8 @@ class ObjectiveConfig:
             )
         if self.weight not in WEIGHTINGS:
             raise ConfigError(f"objective.weight must be one of {', '.join(WEIGHTINGS)}; got {self.weight!r}")
+        if self.law not in SCALE_LAWS:
+            raise ConfigError(f"objective.law must be one of {', '.join(SCALE_LAWS)}; got {self.law!r}")
         if not isinstance(self.n_samples, int) or self.n_samples < 1:
             raise ConfigError(f"objective.n_samples must be an integer >= 1, got {self.n_samples!r}")
         if self.bound is not None and not (math.isfinite(self.bound) and self.bound > 0):

@@ -1,7 +1,7 @@
 """Trap² (Jang et al., ICML 2026): J = L(W0+ΔW) − λ·E_s[w(s)·L(W0+s·ΔW)].
 
 s ~ U([s_min, 1−δ] ∪ [1+δ, s_max]) (length-weighted over the two intervals, the same law as the
-paper's rejection sampling), w(s) ∈ {1/s, 1/√s, 1}. Two forward and two backward passes per step on the
+paper's rejection sampling; ``law = 'log'``, an extension, draws log s uniformly instead), w(s) ∈ {1/s, 1/√s, 1}. Two forward and two backward passes per step on the
 same mini-batch with the same dropout mask; the gradients accumulate. With ``bound = τ`` the off-nominal
 loss enters as τ·tanh(L/τ), which keeps −λ·w·L from running away once the trap has formed.
 
@@ -31,11 +31,13 @@ from trap2.scaling import ScaledModel
 
 
 def sample_scales(cfg: ObjectiveConfig, n: int, gen: torch.Generator) -> list[float]:
-    """n draws from U([s_min, 1−δ] ∪ [1+δ, s_max])."""
-    low = 1.0 - cfg.delta - cfg.s_min
-    high = cfg.s_max - 1.0 - cfg.delta
+    """n draws from U([s_min, 1−δ] ∪ [1+δ, s_max]), or with ``law='log'`` from the same union uniform
+    in log s (each interval weighted by its length in log s)."""
+    warp, unwarp = (math.log, math.exp) if cfg.law == "log" else (float, float)
+    a, b, c, d = (warp(v) for v in (cfg.s_min, 1.0 - cfg.delta, 1.0 + cfg.delta, cfg.s_max))
+    low, high = b - a, d - c
     u = torch.rand(n, generator=gen, dtype=torch.float64) * (low + high)
-    return [cfg.s_min + v if v < low else 1.0 + cfg.delta + (v - low) for v in u.tolist()]
+    return [unwarp(a + v if v < low else c + (v - low)) for v in u.tolist()]
 
 
 def scale_weight(kind: str, s: float) -> float:
