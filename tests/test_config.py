@@ -85,11 +85,12 @@ def test_config_hash_tracks_every_field():
 
 
 def test_a_later_field_at_its_default_keeps_old_cache_keys():
-    """objective.collateral and protect_steps came after results were cached: at their defaults the
-    key is what it was without them."""
+    """objective.collateral, objective.law and protect_steps came after results were cached: at their
+    defaults the key is what it was without them."""
     old = to_dict(TrainConfig())
-    del old["objective"]["collateral"], old["protect_steps"]
+    del old["objective"]["collateral"], old["objective"]["law"], old["protect_steps"]
     assert config_hash(TrainConfig()) == config_hash(old)
+    assert config_hash(TrainConfig(objective=ObjectiveConfig(law="log"))) != config_hash(old)
     on = TrainConfig(objective=ObjectiveConfig(collateral=2.0))
     assert config_hash(on) != config_hash(TrainConfig()) != config_hash(TrainConfig(protect_steps=900))
     assert to_dict(on)["objective"]["collateral"] == 2.0  # saved configs still spell it out
