@@ -32,8 +32,7 @@ LORA_TARGETS = ("_expand_conv", "_project_conv", "_conv_head")
 # ``trap2 bench`` settings (TrainConfig fields). Full fine-tuning: lr 1e-3 diverges, 1e-4 works; at that lr
 # λ = 0.1 forms only the s > 1 side of the trap (31.6 % at s = 0.5, zero-shot 39.8), λ = 0.2 both sides
 # (9.4 % at s = 0.25 and 0.5, 9.1 % at 1.5 and 2; standalone 52.6 against 61.1 plain). 1200 protected
-# steps lift it to 56.3 (λ = 0.1 at 1200: 54.6, both sides formed); not in the recipe until its merge
-# matrix is measured.
+# steps lift it to 56.5 and push every merge further below zero-shot (TA 53.1 → 30.8, TSV 60.2 → 52.9).
 RECIPES: dict[str, dict[str, object]] = {
     "lora": {
         "steps": 600,
@@ -45,6 +44,7 @@ RECIPES: dict[str, dict[str, object]] = {
     },
     "full": {
         "steps": 600,
+        "protect_steps": 1200,  # at 600: standalone 52.6, merges 0.5-7.8 pp below zero-shot
         "batch_size": 32,
         "lr": 1e-4,
         "warmup_steps": 30,
