@@ -51,7 +51,7 @@ class ObjectiveConfig:
     n_samples: int = help_field("number of scales s drawn per step (the paper uses 1)", 1)
     law: str = help_field(
         "how s is drawn over [s_min, 1−δ] ∪ [1+δ, s_max]: 'uniform' (the paper) or 'log' (uniform in log s: "
-        "as much mass on [0.05, 0.1] as on [0.5, 1], where a merge coefficient search goes)",
+        "as much mass on [0.05, 0.1] as on [0.475, 0.95]; a merge coefficient search ends at the small s)",
         "uniform",
         hash_default=False,
     )

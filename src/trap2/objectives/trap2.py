@@ -1,8 +1,9 @@
 """Trap² (Jang et al., ICML 2026): J = L(W0+ΔW) − λ·E_s[w(s)·L(W0+s·ΔW)].
 
 s ~ U([s_min, 1−δ] ∪ [1+δ, s_max]) (length-weighted over the two intervals, the same law as the
-paper's rejection sampling; ``law = 'log'``, an extension, draws log s uniformly instead), w(s) ∈ {1/s, 1/√s, 1}. Two forward and two backward passes per step on the
-same mini-batch with the same dropout mask; the gradients accumulate. With ``bound = τ`` the off-nominal
+paper's rejection sampling; ``law = 'log'``, an extension, draws log s uniformly instead),
+w(s) ∈ {1/s, 1/√s, 1}. Two forward and two backward passes per step on the same mini-batch with the
+same dropout mask; the gradients accumulate. With ``bound = τ`` the off-nominal
 loss enters as τ·tanh(L/τ), which keeps −λ·w·L from running away once the trap has formed.
 
 ``collateral = μ > 0`` (an extension, not in the paper) adds μ·D(s) to the off-nominal term, with
