@@ -24,20 +24,45 @@ def _lora_updates(ranks=(2, 3, 2, 4), shape=(12, 10), seed=0):
     return ups
 
 
+def _cast(ups, dtype):
+    """The same updates stored in ``dtype`` (LoRA factors and dense entries alike)."""
+
+    def cast(d):
+        return LowRank(d.A.to(dtype), d.B.to(dtype), d.scaling, d.fan_in_fan_out) if isinstance(d, LowRank) else d.to(dtype)
+
+    return [Update({k: cast(d) for k, d in u.deltas.items()}) for u in ups]
+
+
+# relative tolerance of a merge of half-precision inputs against the float32 merge of the same values
+HALF_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("space", SPACES.names())
 @pytest.mark.parametrize("name", METHODS.names())
-def test_conformance(name, space):
+def test_conformance(name, space, dtype):
     # TSV in KnOTS truncates inside a degenerate spectrum unless each rank fits its budget (tsv.py)
     ups = _lora_updates(ranks=(2, 2, 2, 2)) if (name, space) == ("tsv", "knots") else _lora_updates()
-    merged = merge_updates(ups, name, space).dense()
+    ups = _cast(ups, dtype)
+    result = merge_updates(ups, name, space)
+    merged = result.dense()
     for k, v in ups[0].dense().items():
         assert merged[k].shape == v.shape and merged[k].dtype == v.dtype and torch.isfinite(merged[k]).all()
+        # dense members' results keep their dtype; LoRA products and low-rank factors are float32
+        d, want = result.deltas[k], torch.float32 if isinstance(ups[0].deltas[k], LowRank) else dtype
+        assert {d.A.dtype, d.B.dtype} == {torch.float32} if isinstance(d, LowRank) else d.dtype == want
+    tol = {"rtol": max(1e-4, HALF_RTOL[dtype]), "atol": 1e-5}
     permuted = merge_updates(ups[::-1], name, space).dense()
     for k in merged:
-        torch.testing.assert_close(permuted[k], merged[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(permuted[k], merged[k], **tol)
     single = merge_updates(ups[:1], name, space, **get_merge_method(name).identity).dense()
     for k, v in ups[0].dense().items():
-        torch.testing.assert_close(single[k], v, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(single[k], v, **tol)
+    # the same values held in float32 merge to the same result, up to the dtype's rounding
+    wide = merge_updates(_cast(ups, torch.float32), name, space).dense()
+    for k in merged:
+        scale = float(wide[k].abs().max())
+        torch.testing.assert_close(merged[k], wide[k], rtol=HALF_RTOL[dtype], atol=HALF_RTOL[dtype] * scale)
 
 
 def test_ta_is_the_sum_and_matches_peft():

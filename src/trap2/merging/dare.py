@@ -20,9 +20,15 @@ P_GRID = (1e-5, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
 
 
 def content_seed(seed: int, *tensors: torch.Tensor) -> int:
+    """``seed`` mixed with a hash of the tensors' values. Half-precision tensors are hashed as their exact
+    float32 values (numpy has no bfloat16), so a bf16 or fp16 update and its float32 copy draw the same
+    masks; float32 inputs hash their own bytes, as they always have."""
     h = hashlib.blake2b(digest_size=8)
     for t in tensors:
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+        t = t.detach().cpu()
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.to(torch.float32)  # exact: every half value is a float32 value
+        h.update(t.contiguous().numpy().tobytes())
     return (seed ^ int.from_bytes(h.digest(), "little")) & 0x7FFF_FFFF_FFFF_FFFF
 
 

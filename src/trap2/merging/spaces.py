@@ -37,10 +37,12 @@ def _dense(d: Delta) -> torch.Tensor:
 def _rank(s: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> int:
     """Numerical rank (as numpy.linalg.matrix_rank) at the precision of the input data ``dtype``:
     directions below it are rounding noise with arbitrary singular vectors, which a method working on
-    the factors (TSV, TIES) would otherwise treat as signal."""
+    the factors (TSV, TIES) would otherwise treat as signal. Half-precision values are exact in the
+    float32/float64 arithmetic here, so they are cut at float32's precision: bf16's eps·max(shape) would
+    drop real directions (several % of the top singular value)."""
     if s.numel() == 0 or s[0] == 0:
         return 1
-    tol = s[0] * max(shape) * torch.finfo(dtype).eps
+    tol = s[0] * max(shape) * min(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
     return max(1, int((s > tol).sum()))
 
 
