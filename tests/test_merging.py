@@ -28,7 +28,11 @@ def _cast(ups, dtype):
     """The same updates stored in ``dtype`` (LoRA factors and dense entries alike)."""
 
     def cast(d):
-        return LowRank(d.A.to(dtype), d.B.to(dtype), d.scaling, d.fan_in_fan_out) if isinstance(d, LowRank) else d.to(dtype)
+        return (
+            LowRank(d.A.to(dtype), d.B.to(dtype), d.scaling, d.fan_in_fan_out)
+            if isinstance(d, LowRank)
+            else d.to(dtype)
+        )
 
     return [Update({k: cast(d) for k, d in u.deltas.items()}) for u in ups]
 
