@@ -175,3 +175,42 @@ def test_dare_is_seeded_reproducible_and_rescales(name):
     out = get_merge_method("dare")([x], p=0.3, seed=0)
     assert abs(float((out == 0).float().mean()) - 0.3) < 0.01
     assert torch.allclose(out[out != 0], torch.tensor(1 / 0.7))
+
+
+def _ties_by_hand(members, k):
+    """TIES with model-wide trimming, written out: each member (a dict of tensors, already weighted) keeps
+    its top-k % magnitudes over all of its tensors together; then sign election and disjoint mean."""
+    kept = []
+    for m in members:
+        flat = torch.cat([t.flatten() for t in m.values()]).abs()
+        n_keep = round(flat.numel() * k / 100)
+        cut = torch.topk(flat, n_keep).values[-1]
+        kept.append({n: t * (t.abs() >= cut) for n, t in m.items()})
+    out = {}
+    for n in members[0]:
+        stack = torch.stack([m[n] for m in kept])  # (T, ...)
+        sign = torch.sign(stack.sum(0))
+        agree = (torch.sign(stack) == sign) & (stack != 0)
+        out[n] = (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return out
+
+
+@pytest.mark.parametrize("names", [("w",), ("w", "v", "b")])
+def test_ties_model_scope_trims_the_weighted_members(names):
+    g = torch.Generator().manual_seed(4)
+    shapes = {"w": (6, 5), "v": (3, 4), "b": (7,)}
+    ups = [{n: torch.randn(shapes[n], generator=g) * s for n in names} for s in (1.0, 3.0)]
+    weights = [2.0, 0.5]
+    weighted = [{n: w * t for n, t in u.items()} for u, w in zip(ups, weights, strict=True)]
+    out = merge_updates(ups, "ties", weights=weights, k=30.0, scope="model").dense()
+    pre = merge_updates(weighted, "ties", k=30.0, scope="model").dense()
+    ref = _ties_by_hand(weighted, 30.0)
+    for n in names:
+        torch.testing.assert_close(out[n], ref[n])
+        torch.testing.assert_close(pre[n], ref[n])
+
+
+@pytest.mark.parametrize("space", ["knots", "core"])
+def test_ties_model_scope_is_refused_outside_full_space(space):
+    with pytest.raises(ConfigError, match="scope='model'.*full space"):
+        merge_updates(_lora_updates(), "ties", space, scope="model")

@@ -61,11 +61,13 @@ def merge_updates(
         raise ConfigError(f"got {len(weights)} weights for {len(ups)} updates")
     resolved = m.resolve(**hparams)
     thresholds = None
-    if m.name == "ties" and resolved["scope"] == "model":
-        thresholds = [
-            magnitude_threshold(torch.cat([t.flatten() for t in u.dense().values()]), resolved["k"])
-            for u in ups
-        ]
+    if resolved.get("scope") == "model":
+        if space != "full":
+            raise ConfigError(
+                f"{m.name}: scope='model' is defined in full space only ({space} trims per-tensor factors "
+                "in other units); use scope='tensor'"
+            )
+        thresholds = model_thresholds(ups, weights, resolved["k"])
     names = list(dict.fromkeys(n for u in ups for n in u.deltas))
     out: dict[str, Delta] = {}
     for name in names:
@@ -84,6 +86,17 @@ def merge_updates(
     public = {k: v for k, v in resolved.items() if k not in INTERNAL_HPARAMS}
     meta = {"merge": {"method": m.name, "space": space, "hparams": public}}
     return Update(out, meta)
+
+
+def model_thresholds(ups: Sequence[Update], weights: Sequence[float] | None, k: float) -> list[float]:
+    """Per member i: the top-k % magnitude over all of w_i·ΔW_i's tensors together (TIES' model-wide trim),
+    on the very values the kernel trims (weighted first, then in float32)."""
+    out = []
+    for i, u in enumerate(ups):
+        w = 1.0 if weights is None else weights[i]
+        weighted = Update({n: scale_delta(d, w) for n, d in u.deltas.items()}).dense()
+        out.append(magnitude_threshold(torch.cat([t.flatten() for t in weighted.values()]), k))
+    return out
 
 
 def _raw(d: Delta) -> tuple[torch.Tensor, ...]:

@@ -2,8 +2,9 @@
 per entry as sign(Σ_i trimmed_i), and average only the entries that agree with it (disjoint mean).
 
 ``scope='tensor'`` trims within each tensor (PEFT's ``merge_utils.ties``); ``scope='model'`` trims over
-the whole update, as the original TIES and FusionBench do (the model-level threshold is computed by
-``trap2.merging.merge_deltas`` and passed in as ``thresholds``).
+the whole update, as the original TIES and FusionBench do (the model-level threshold of each weighted
+member is computed by ``trap2.merging.merge_updates`` and passed in as ``thresholds``; full space only,
+since KnOTS/Core factors of different tensors are in different units).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def keep_percent(default: float, help: str) -> HParam:
         ),
         "thresholds": HParam(
             None,
-            "per-task magnitude thresholds (set by merge_deltas for scope='model')",
+            "per-task magnitude thresholds (set by merge_updates for scope='model')",
             lambda v: v is None or isinstance(v, (list, tuple)),
             "null or a list",
         ),
