@@ -11,7 +11,9 @@
 Task arithmetic gives the same result in every space (the bases span every member exactly); in full
 space it concatenates LoRA factors, so TA of adapters is again an adapter (rank Σ r_i). Tensors
 that are not matrices (biases, norms) are merged in full space. KnOTS and Core return low-rank deltas,
-so a merge of LoRA adapters in those spaces is written back as a LoRA adapter.
+so a merge of LoRA adapters in those spaces is written back as a LoRA adapter. Branches of
+``fan_in_fan_out`` layers (GPT-2 ``Conv1D``, which stores ΔWᵀ) are factored as ΔW = B·A (out, in), as PEFT
+computes it, and come back ``fan_in_fan_out``, so the adapter has PEFT's shapes (A: (r, in)).
 """
 
 from __future__ import annotations
@@ -68,9 +70,12 @@ def _concatenable(members: Sequence[Delta]) -> bool:
 
 
 def merge_knots(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]) -> Delta:
+    fan = _fan_in_fan_out(members, "knots")
     dense = [_dense(d) for d in members]
     if dense[0].dim() < 2:
         return method(dense, **hp)
+    if fan:  # GPT-2 Conv1D stores ΔWᵀ (in, out): factor ΔW (out, in), as PEFT's B·A is, and as Linear is
+        dense = [d.T for d in dense]
     like = dense[0]
     mats = [d.reshape(like.shape[0], -1).to(torch.float64) for d in dense]  # (m, n') each
     n = mats[0].shape[1]
@@ -79,7 +84,16 @@ def merge_knots(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any
     v = vh[:r].T  # (T·n', r)
     per_task = [v[i * n : (i + 1) * n] for i in range(len(mats))]  # V_i: (n', r)
     v_merged = method(per_task, **hp)
-    return _as_low_rank(u[:, :r] * s[:r], v_merged.T, like)
+    out = _as_low_rank(u[:, :r] * s[:r], v_merged.T, like)
+    return LowRank(out.A, out.B, out.scaling, True) if fan else out
+
+
+def _fan_in_fan_out(members: Sequence[Delta], space: str) -> bool:
+    """Whether the members' LoRA branches are of ``fan_in_fan_out`` layers (dense members follow them)."""
+    fans = {d.fan_in_fan_out for d in members if isinstance(d, LowRank)}
+    if len(fans) > 1:
+        raise ConfigError(f"{space} space: members disagree on fan_in_fan_out")
+    return fans == {True}
 
 
 def merge_core(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]) -> Delta:
@@ -87,8 +101,7 @@ def merge_core(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]
         if all(not isinstance(d, LowRank) and d.dim() < 2 for d in members):
             return method(list(members), **hp)  # biases and norms: full space
         raise ConfigError("core space needs LoRA (low-rank) updates for every matrix; got a dense delta")
-    if len({d.fan_in_fan_out for d in members}) != 1:
-        raise ConfigError("core space: members disagree on fan_in_fan_out")
+    fan = _fan_in_fan_out(members, "core")
     like = members[0].dense()
     bs = [d.B.reshape(d.B.shape[0], -1).to(torch.float64) * d.scaling for d in members]  # (m, r_i)
     as_ = [d.A.reshape(d.A.shape[0], -1).to(torch.float64) for d in members]  # (r_i, n')
@@ -100,7 +113,7 @@ def merge_core(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]
     merged = method(cores, **hp)
     out = _as_low_rank(u_b @ merged, v_a.T, like)
     # fan_in_fan_out layers (GPT-2 Conv1D) store ΔWᵀ: B·A is computed untransposed, as PEFT does
-    return LowRank(out.A, out.B, out.scaling, True) if members[0].fan_in_fan_out else out
+    return LowRank(out.A, out.B, out.scaling, True) if fan else out
 
 
 SPACES.register("full", merge_full)
