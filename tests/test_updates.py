@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from trap2.errors import UpdateFileError
 from trap2.io import save_tensors
-from trap2.updates import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR, Update, load_update
+from trap2.updates import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR, LowRank, Update, load_update
 
 
 def _trained_lora(**kw):
@@ -161,3 +161,58 @@ def test_failed_save_leaves_nothing(tmp_path):
         bad.save(tmp_path / "u")
     assert (tmp_path / "u" / "delta.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u"]
+
+
+def _full_finetune(seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"fc1.weight": (8, 6), "fc1.bias": (8,), "norm.weight": (8,), "fc2.weight": (5, 8)}
+    return Update({k: 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()})
+
+
+def test_knots_merge_of_full_finetunes_is_saved_dense_and_loads_back(tmp_path):
+    from trap2.merging import merge_updates
+
+    merged = merge_updates([_full_finetune(0), _full_finetune(1)], "ties", "knots", k=50.0)
+    assert isinstance(merged.deltas["fc1.weight"], LowRank)  # matrices low-rank, biases and norms dense
+    assert isinstance(merged.deltas["fc1.bias"], torch.Tensor) and merged.kind == "dense"
+    merged.save(tmp_path / "m")
+    again = load_update(tmp_path / "m")
+    assert again.kind == "dense" and set(again.dense()) == set(merged.dense())
+    for k, v in merged.dense().items():
+        assert torch.equal(again.dense()[k], v)
+
+
+def _lora_bias_adapter(seed):
+    model = _trained_lora(lora_bias=True)  # the same base W0 for every seed
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("space", ["full", "knots"])
+def test_merge_of_lora_bias_adapters_is_an_adapter_stock_peft_loads(tmp_path, space):
+    from trap2.merging import merge_updates
+
+    models = [_lora_bias_adapter(s) for s in (1, 2)]
+    merged = merge_updates([Update.from_peft_model(m) for m in models], "ta", space)
+    assert merged.kind == "lora"  # LoRA weights plus a bias per LoRA module: PEFT's lora_bias
+    merged.save(tmp_path / "m")
+    again = load_update(tmp_path / "m")
+    for k, v in merged.dense().items():
+        torch.testing.assert_close(again.dense()[k], v)
+    # stock PEFT computes W0 + merged ΔW
+    torch.manual_seed(1)
+    base, want = TinyNet(), TinyNet()
+    _copy_base(base, models[0])
+    _copy_base(want, models[0])
+    with torch.no_grad():
+        for k, d in merged.dense().items():
+            want.get_parameter(k).add_(d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = PeftModel.from_pretrained(base, tmp_path / "m")
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(loaded(x), want(x))

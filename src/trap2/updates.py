@@ -9,6 +9,9 @@ On disk:
   ``trap2.json``; the protection settings also go into the safetensors header metadata (key ``trap2``),
   never into ``adapter_config.json`` (PEFT warns on unknown keys).
 - Dense: a folder with ``delta.safetensors`` (+ ``trap2.json``), or a bare ``.safetensors`` of deltas.
+An update is written as an adapter when PEFT can hold every entry (LoRA branches, plus ``lora_bias``
+biases); any other mix (a KnOTS merge of a full fine-tune: low-rank matrices, dense norms) is written
+dense, which ``load_update`` reads back exactly (see :attr:`Update.kind`).
 """
 
 from __future__ import annotations
@@ -75,7 +78,16 @@ class Update:
 
     @property
     def kind(self) -> str:
-        return "lora" if any(isinstance(d, LowRank) for d in self.deltas.values()) else "dense"
+        """How the update is written: ``lora`` (a PEFT adapter) when every entry is a LoRA branch, or a
+        bias of a module that has one (PEFT's ``lora_bias``, on every such module); else ``dense``, which
+        holds any mix (a KnOTS merge of a full fine-tune: low-rank matrices, dense norms) exactly."""
+        low = {k: d for k, d in self.deltas.items() if isinstance(d, LowRank)}
+        others = set(self.deltas) - set(low)
+        adapter = bool(low) and all(k.endswith(".weight") for k in low)
+        if others:  # lora_bias: the bias is stored unscaled, so the scaling must be invertible
+            biases = {f"{k.removesuffix('.weight')}.bias" for k in low}
+            adapter = adapter and others == biases and all(d.scaling != 0 for d in low.values())
+        return "lora" if adapter else "dense"
 
     def dense(self) -> dict[str, torch.Tensor]:
         return {
@@ -149,7 +161,7 @@ class Update:
         """Write the update's files into an existing (temporary) folder; callers that add files of
         their own (a merged checkpoint) wrap this and those files in one ``atomic_dir``."""
         meta_json = json.dumps(self.meta, sort_keys=True)
-        if self.kind == "lora":
+        if self.kind == "lora":  # else dense: any mix of low-rank and dense entries is written as ΔW
             if peft_model is not None:
                 peft_model.save_pretrained(str(folder))
                 tensors, _ = load_tensors(folder / ADAPTER_WEIGHTS)
@@ -162,13 +174,17 @@ class Update:
         write_json(folder / SIDECAR, {"kind": self.kind, **self.meta})
 
     def _peft_tensors(self) -> dict[str, torch.Tensor]:
+        """PEFT's keys; a dense bias ΔB of a LoRA module is its ``lora_B.bias`` (PEFT scales it: ΔB/s)."""
         out = {}
         for key, d in self.deltas.items():
             if not isinstance(d, LowRank):
-                raise UpdateFileError(f"tensor {key!r} is dense and cannot be written as a LoRA adapter")
+                continue
             mod = key.removesuffix(".weight")
             out[f"{PEFT_PREFIX}{mod}.lora_A.weight"] = d.A
             out[f"{PEFT_PREFIX}{mod}.lora_B.weight"] = d.B
+            bias = self.deltas.get(f"{mod}.bias")
+            if bias is not None:
+                out[f"{PEFT_PREFIX}{mod}.lora_B.bias"] = bias / d.scaling
         return out
 
     def _peft_config_dict(self) -> dict[str, Any]:
@@ -188,6 +204,7 @@ class Update:
             rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern,
             fan_in_fan_out=items[0][1].fan_in_fan_out,
+            lora_bias=len(items) < len(self.deltas),
         )
         return _jsonable(cfg.to_dict())
 
