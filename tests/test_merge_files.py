@@ -9,6 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import GPT2Config, GPT2Model
 
+from trap2.errors import ConfigError
 from trap2.io import save_tensors
 from trap2.merge_job import merge_files
 from trap2.updates import ADAPTER_WEIGHTS, Update, load_update
@@ -69,3 +70,22 @@ def test_merged_gpt2_adapter_loads_in_stock_peft(gpt2_pool, tmp_path, space, met
         got = loaded(input_ids=ids).last_hidden_state
         want = _with_delta(delta)(input_ids=ids).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["out_is_an_input", "out_is_a_file", "search_needs_its_suite"])
+def test_merge_refuses_an_unwritable_request_before_merging(gpt2_pool, tmp_path, monkeypatch, case):
+    import trap2.merge_job
+
+    root, paths = gpt2_pool
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("the merge ran before the request was checked")
+
+    monkeypatch.setattr(trap2.merge_job, "merge_updates", no_merge)
+    (tmp_path / "file").write_text("x")
+    out = {"out_is_an_input": paths[0], "out_is_a_file": tmp_path / "file"}.get(case, tmp_path / "m")
+    search = "digits" if case == "search_needs_its_suite" else None
+    before = (paths[0] / ADAPTER_WEIGHTS).read_bytes()
+    with pytest.raises(ConfigError, match="--out|--search"):
+        merge_files(paths, root / "base.safetensors", "ta", "full", out, search_suite=search)
+    assert (paths[0] / ADAPTER_WEIGHTS).read_bytes() == before and (tmp_path / "file").read_text() == "x"

@@ -1,8 +1,10 @@
 """``trap2 merge``: merge update files for one base and write the result.
 
-Inputs are read lazily (tensor by tensor from safetensors); the result is a PEFT adapter when every
-merged matrix is low-rank (KnOTS/Core spaces, or LoRA inputs merged that way) and a dense delta
-otherwise; ``merged_checkpoint`` also writes W0 + c·ΔW as a full safetensors state dict.
+Inputs are read lazily (tensor by tensor from safetensors); the result is a PEFT adapter when PEFT can
+hold all of it (LoRA inputs merged in KnOTS/Core, or by TA) and a dense delta otherwise (see
+``Update.kind``: every merge result has a form that loads back exactly); ``merged_checkpoint`` also writes
+W0 + c·ΔW as a full safetensors state dict. Everything that could stop the result from being written
+(the destination, the search's suite, the inputs' tasks) is checked before the merge work starts.
 """
 
 from __future__ import annotations
@@ -71,6 +73,26 @@ def scale_update(update: Update, c: float) -> Update:
     return Update({k: scale_delta(d, c) for k, d in update.deltas.items()}, {**update.meta, "coefficient": c})
 
 
+def check_destination(
+    out: str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str]],
+    base: str | os.PathLike[str] | None = None,
+) -> None:
+    """Refuse, before any merge work, an ``out`` that cannot take the result folder: an existing file,
+    an input or base (or a folder holding one, which the result would replace), or an unwritable place."""
+    target = Path(out).resolve()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    sources = [Path(p) for p in inputs] + ([Path(base)] if base is not None and Path(base).exists() else [])
+    for src in sources:
+        src = src.resolve()
+        if src == target or target in src.parents:
+            raise ConfigError(f"--out {out}: would replace the input {src}; write the result elsewhere")
+    parent = next(p for p in target.parents if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {out}: {parent} is not writable")
+
+
 def merge_files(
     paths: Sequence[str | os.PathLike[str]],
     base: str | os.PathLike[str],
@@ -86,24 +108,21 @@ def merge_files(
         raise ConfigError("give either a coefficient or a suite to search it on, not both")
     if not paths:
         raise ConfigError("merge needs at least one update")
+    check_destination(out, paths, base)
     w0, fingerprint, base_suite = load_base(base)
+    if search_suite is not None and base_suite != search_suite:
+        raise ConfigError(f"--search {search_suite} needs --base {search_suite} (the suite's own backbone)")
     updates = [load_update(p, lazy=True) for p in paths]
     for p, u in zip(paths, updates, strict=True):
         u.check_base(w0, fingerprint, where=str(p))
+    tasks = [u.meta.get("task") for u in updates]
+    if search_suite is not None and None in tasks:
+        bad = paths[tasks.index(None)]
+        raise UpdateFileError(f"{bad}: records no task, so its accuracy cannot be measured for the search")
     merged = merge_updates(updates, method, space, **dict(hparams or {}))
     search = None
     if search_suite is not None:
-        if base_suite != search_suite:
-            raise ConfigError(
-                f"--search {search_suite} needs --base {search_suite} (the suite's own backbone)"
-            )
         suite = get_suite(search_suite)
-        tasks = [u.meta.get("task") for u in updates]
-        if None in tasks:
-            bad = paths[tasks.index(None)]
-            raise UpdateFileError(
-                f"{bad}: records no task, so its accuracy cannot be measured for the search"
-            )
         ctx = EvalContext(suite, {}, tasks=list(dict.fromkeys(tasks)))
         ctx.normalisers = {
             t: accuracy(ctx.backbone, suite.task(t), "val", ctx.params(u.dense()))
