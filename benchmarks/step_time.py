@@ -1,6 +1,6 @@
 """Step time and peak memory of each registered objective vs plain fine-tuning, side by side.
 
-Run:  python benchmarks/step_time.py [--suite digits|vision-cnn] [--steps 30] [--rounds 5] [--threads 1]
+Run:  python benchmarks/step_time.py [--suite digits|vision-cnn] [--steps 30] [--rounds 5] [--threads 1] [--part all|steps|tap]
 
 Same model (the suite's backbone + a task head), batch, optimizer (AdamW) for every objective; LoRA and
 full fine-tuning. Suites: ``digits`` (102k-parameter ViT, batch 64) and ``vision-cnn`` (the pretrained
@@ -10,11 +10,19 @@ to plain. Peak memory: each objective runs alone in a child process at batch 409
 not start-up, set the peak) and its peak RSS above the same process's start-up is compared. A
 reference row times plain fine-tuning run as two half-batch calls: the floor of a step that, like
 trap2_split under full fine-tuning, runs its nominal and off-nominal halves as separate calls.
+
+Feature tap (``--part tap``): peak memory of one two-pass ``trap2`` step (collateral 0, full fine-tuning)
+on a random causal LM, whose backbone output is its B×L×V logits, with the feature tap held around the
+whole step (how the step ran before it registered the tap only where collateral reads it) vs as the
+objective runs now. Both run in child processes, side by side; on ``--device cuda`` the peak is
+``torch.cuda.max_memory_allocated`` above the start, on CPU the peak RSS above the start.
+  python benchmarks/step_time.py --part tap [--lm-batch 8 --lm-seq 128 --lm-vocab 32000] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import statistics
@@ -26,7 +34,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 OBJECTIVES = ("none", "trap2", "trap2_split")
 # a reference timed beside them: plain fine-tuning run as two half-batch calls (no scaling at all), the
@@ -62,14 +69,14 @@ def make_step(mode: str, objective: str, batch: int, suite_name: str = "digits")
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        obj.backward(scaled, x, y, F.cross_entropy, gen)
+        obj.backward(scaled, x, y, task.loss, gen)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
     def halves() -> None:  # plain fine-tuning in two half-batch calls: the floor of any split-call step
         opt.zero_grad(set_to_none=True)
         h = len(y) // 2
-        F.cross_entropy(torch.cat([model(x[:h]), model(x[h:])]), y).backward()
+        task.loss(torch.cat([model(x[:h]), model(x[h:])]), y).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
@@ -115,14 +122,111 @@ def peak_memory(mode: str, objective: str, steps: int, threads: int, suite: str)
     return float(r.stdout.strip().splitlines()[-1]) / 1024  # MiB
 
 
+TAPS = ("always", "when_used")  # the feature tap held around the whole step (before), or as trap2 runs now
+
+
+def make_lm_step(tap: str, batch: int, seq: int, vocab: int, device: str):
+    """One trap2 step (collateral 0, full fine-tuning) on a random 2-layer Llama: the backbone output
+    the tap would hold is the (batch, seq, vocab) logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trap2.config import ObjectiveConfig
+    from trap2.objectives import get_objective
+    from trap2.objectives.trap2 import feature_tap
+    from trap2.scaling import ScaledModel, base_params
+    from trap2.suites.base import CrossEntropy, TaskModel
+    from trap2.suites.math_lm import IGNORE, CausalLMBackbone, NextTokenHead
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=seq,
+    )
+    model = TaskModel(CausalLMBackbone(LlamaForCausalLM(cfg)), NextTokenHead()).to(device)
+    scaled = ScaledModel(model, "full", base_params(model))
+    obj, loss = get_objective(ObjectiveConfig(name="trap2")), CrossEntropy(IGNORE)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    x = torch.stack([ids, torch.ones_like(ids)], dim=1).to(device)  # (B, 2, L) [ids; mask]
+    y = ids[:, 1:].clone()
+    y[:, : seq // 2] = IGNORE  # the prompt half is not a target
+    y = y.to(device)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with feature_tap(scaled) if tap == "always" else contextlib.nullcontext():
+            obj.backward(scaled, x, y, loss, gen)
+
+    return step
+
+
+def _lm_child(tap: str, batch: int, seq: int, vocab: int, device: str) -> None:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    step = make_lm_step(tap, batch, seq, vocab, device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        print((torch.cuda.max_memory_allocated() - start) / 1024)  # KiB, as ru_maxrss
+        return
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start)
+
+
+def tap_memory(batch: int, seq: int, vocab: int, device: str, threads: int) -> dict[str, float]:
+    """Peak MiB above the start of one trap2 step per tap setting, each in its own process."""
+    out = {}
+    for tap in TAPS:
+        code = (
+            f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import step_time; "
+            f"step_time._lm_child({tap!r}, {batch}, {seq}, {vocab}, {device!r})"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "BENCH_THREADS": str(threads)},
+        )
+        out[tap] = float(r.stdout.strip().splitlines()[-1]) / 1024
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--suite", choices=sorted(BATCHES), default="digits")
+    ap.add_argument("--part", choices=("all", "steps", "tap"), default="all")
+    ap.add_argument("--lm-batch", type=int, default=8)
+    ap.add_argument("--lm-seq", type=int, default=128)
+    ap.add_argument("--lm-vocab", type=int, default=32000)
+    ap.add_argument("--device", default="cpu", help="device of the feature-tap measurement")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.part in ("all", "steps"):
+        step_table(args)
+    if args.part in ("all", "tap"):
+        mem = tap_memory(args.lm_batch, args.lm_seq, args.lm_vocab, args.device, args.threads)
+        logits_mib = args.lm_batch * args.lm_seq * args.lm_vocab * 4 / 2**20
+        print(
+            f"trap2 step (collateral 0) on a random Llama, batch {args.lm_batch} × {args.lm_seq} tokens, "
+            f"vocab {args.lm_vocab} (one fp32 logits tensor: {logits_mib:.0f} MiB), {args.device}: "
+            f"peak MiB tap always {mem['always']:.1f}, tap when used {mem['when_used']:.1f}, "
+            f"ratio {mem['always'] / max(mem['when_used'], 1e-9):.2f}"
+        )
+
+
+def step_table(args: argparse.Namespace) -> None:
     batch, mem_batch = BATCHES[args.suite]
     print(
         f"{args.suite} backbone, batch {batch}, {args.threads} thread(s); "

@@ -4,13 +4,18 @@ answers scores 1.0 where W0 scores 0, and the demo's protect → merge → evalu
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import gsm8k_jsonl, tiny_llama
 
 from trap2.config import LoraSettings, ObjectiveConfig, TrainConfig
 from trap2.demo import DemoConfig, run_demo
 from trap2.errors import DataError
 from trap2.eval.evaluate import accuracy, base_state
+from trap2.objectives import get_objective
+from trap2.objectives.trap2 import scale_weight
+from trap2.scaling import ScaledModel
 from trap2.suites import _BUILT, math_lm
+from trap2.suites.base import TaskModel
 from trap2.training.loop import train_update
 from trap2.updates import apply_delta
 
@@ -110,3 +115,51 @@ def test_bad_data_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("TRAP2_MATH_MODEL", raising=False)
     with pytest.raises(DataError, match="TRAP2_MATH_MODEL"):
         math_lm.model_path()
+
+
+def _masked_token_ce(logits, y):
+    """Per sample: mean over the answer tokens of −log p(target); logits (B, V, L-1), y (B, L-1)."""
+    out = []
+    for lg, t in zip(logits, y, strict=True):
+        keep = torch.nonzero(t != math_lm.IGNORE).flatten()
+        lp = lg.double().log_softmax(0)
+        out.append(-lp[t[keep], keep].mean())
+    return torch.stack(out)
+
+
+def test_the_task_loss_is_the_masked_token_cross_entropy(suite):
+    t = suite.task("gsm8k")
+    x, y = t.train.x[:3], t.train.y[:3]
+    with torch.no_grad():
+        logits = TaskModel(suite.make_backbone(), t.head)(x)
+    assert logits.shape == (3, t.n_classes, MAX_LEN - 1)
+    torch.testing.assert_close(t.loss.per_sample(logits, y).double(), _masked_token_ce(logits, y))
+    torch.testing.assert_close(t.loss(logits, y), F.cross_entropy(logits, y))  # the token mean
+
+
+def test_split_objective_on_the_math_suite_weights_each_sample_by_its_answer_tokens(suite):
+    """One trap2_split step on the tiny Llama (LoRA, a scale per off-nominal sample): its off-nominal
+    term is the per-sample masked mean of the token cross-entropy, computed here by hand."""
+    from peft import LoraConfig, get_peft_model
+
+    t = suite.task("gsm8k")
+    torch.manual_seed(0)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = TaskModel(get_peft_model(suite.make_backbone(), lora), t.head)
+    scaled = ScaledModel(model, "lora")
+    x, y = t.train.x[:6], t.train.y[:6].clone()
+    y[4, : int(torch.nonzero(y[4] != -100)[0]) + 2] = -100  # fewer answer tokens on one sample
+    cfg = ObjectiveConfig(name="trap2_split", lam=0.3, weight="inv_sqrt")
+    st = get_objective(cfg).backward(scaled, x, y, t.loss, torch.Generator().manual_seed(3))
+    assert len(st.scales) == 3
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    with torch.no_grad():
+        nominal = F.cross_entropy(scaled(x[:3], 1.0), y[:3])
+        off = torch.cat(
+            [_masked_token_ce(scaled(x[3 + j : 4 + j], s), y[3 + j : 4 + j]) for j, s in enumerate(st.scales)]
+        )
+    w = torch.tensor([scale_weight("inv_sqrt", s) for s in st.scales], dtype=torch.float64)
+    assert st.nominal == pytest.approx(float(nominal), rel=1e-5)
+    assert st.off_nominal == pytest.approx(float(off.mean()), rel=1e-5)
+    assert st.loss == pytest.approx(float(nominal - cfg.lam * (w * off).mean()), rel=1e-5)

@@ -9,7 +9,7 @@ from trap2.config import ObjectiveConfig
 from trap2.errors import ConfigError, UnknownNameError
 from trap2.objectives import OBJECTIVES, get_objective
 from trap2.objectives.base import same_random_draws
-from trap2.objectives.trap2 import sample_scales, scale_weight
+from trap2.objectives.trap2 import feature_tap, sample_scales, scale_weight
 from trap2.scaling import ScaledModel, base_params
 from trap2.suites.base import CosineHead, TaskModel
 
@@ -218,3 +218,32 @@ def test_collateral_is_rejected_where_it_is_not_implemented():
     for name in ("flatten", "trap2_split"):
         with pytest.raises(ConfigError, match="collateral"):
             get_objective(ObjectiveConfig(name=name, collateral=1.0))
+
+
+@pytest.mark.parametrize("mu", [0.0, 2.0])
+def test_the_feature_tap_is_registered_only_where_collateral_reads_it(mu):
+    """The tap holds the backbone output of every forward it sees (B×L×V logits on the math suite):
+    with μ = 0 no pass carries it, with μ > 0 only the off-nominal passes do. Gradients are those of
+    the tap held around the whole step (how the step ran before)."""
+    model, w0 = _cosine_task_model()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 5, (16,))
+    hooks_seen = []
+
+    def loss_fn(logits, target):
+        hooks_seen.append(len(model.backbone._forward_hooks))
+        return F.cross_entropy(logits, target)
+
+    cfg = ObjectiveConfig(lam=0.3, collateral=mu, n_samples=2)
+    get_objective(cfg).backward(
+        ScaledModel(model, "full", w0), x, y, loss_fn, torch.Generator().manual_seed(5)
+    )
+    assert hooks_seen == ([0, 0, 0] if mu == 0 else [0, 1, 1])  # nominal pass, then two off-nominal ones
+    assert not model.backbone._forward_hooks
+    got = [p.grad.clone() for p in model.backbone.parameters()]
+    model.zero_grad()
+    scaled = ScaledModel(model, "full", w0)
+    with feature_tap(scaled) as seen:  # the tap always on, as before
+        get_objective(cfg).backward(scaled, x, y, F.cross_entropy, torch.Generator().manual_seed(5))
+    assert len(seen) >= 3  # the outer tap saw every forward
+    for g, p in zip(got, model.backbone.parameters(), strict=True):
+        assert torch.equal(g, p.grad)

@@ -46,3 +46,13 @@ def test_shipped_backbone_matches_its_fingerprint_and_is_accurate(digits):
 def test_pretraining_script_logic_runs_and_learns():
     _, acc = pretrain_backbone(steps=60, seed=0, batch_size=64)
     assert acc > 0.3  # 10 classes: chance is 0.1
+
+
+def test_a_run_elsewhere_moves_a_copy_of_the_head_not_the_suites():
+    from trap2.suites.base import CosineHead, CrossEntropy, Split, Task
+
+    split = Split(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64))
+    task = Task("t", 2, split, split, split, CosineHead(torch.randn(2, 3), 10.0))
+    assert task.head_on("cpu") is task.head and task.loss == CrossEntropy()
+    moved = task.head_on("meta")  # any device other than the head's
+    assert moved.prototypes.device.type == "meta" and task.head.prototypes.device.type == "cpu"

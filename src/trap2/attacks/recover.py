@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from trap2.suites.base import Suite
@@ -49,7 +48,7 @@ def recover(
         for task, x, y in data:
             idx = torch.randperm(len(y), generator=gen)[:batch]
             feats = functional_call(backbone, weights, (x[idx],), strict=False)
-            loss = loss + F.cross_entropy(task.head(feats), y[idx])
+            loss = loss + task.loss(task.head(feats), y[idx])
         (loss / len(data)).backward()
         torch.nn.utils.clip_grad_norm_(list(weights.values()), 1.0)
         opt.step()

@@ -1,18 +1,44 @@
-"""The objective interface: compute the loss of one mini-batch and accumulate its gradient."""
+"""The objective interface: compute the loss of one mini-batch and accumulate its gradient.
+
+Objectives take the task's loss (``Task.loss``, e.g. ``CrossEntropy`` over token logits with ignored
+positions): called, the batch mean; its ``per_sample`` gives the (N,) losses that objectives weighting
+samples one by one need. A bare mean loss function (e.g. ``F.cross_entropy``) is accepted too.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from trap2.config import ObjectiveConfig
+from trap2.errors import ConfigError
 from trap2.scaling import ScaledModel
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> the batch mean
+
+
+@runtime_checkable
+class Loss(Protocol):
+    """A task's loss: ``loss(logits, y)`` the batch mean, ``loss.per_sample(logits, y)`` (N,)."""
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def per_sample(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+def per_sample_loss(loss_fn: Loss | LossFn, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(N,) one loss per sample: ``loss_fn.per_sample``, or a bare mean loss applied to each sample alone."""
+    if isinstance(loss_fn, Loss):
+        out = loss_fn.per_sample(logits, y)
+    else:
+        out = torch.stack([loss_fn(logits[i : i + 1], y[i : i + 1]) for i in range(y.shape[0])])
+    if out.shape != (y.shape[0],):
+        raise ConfigError(f"a per-sample loss must have shape ({y.shape[0]},), got {tuple(out.shape)}")
+    return out
 
 
 @dataclass
@@ -30,9 +56,15 @@ class Objective(Protocol):
     name: str
 
     def backward(
-        self, model: ScaledModel, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, gen: torch.Generator
+        self,
+        model: ScaledModel,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: Loss | LossFn,
+        gen: torch.Generator,
     ) -> StepStats:
-        """Run the forward pass(es), call ``backward`` (gradients accumulate), return the stats."""
+        """Run the forward pass(es), call ``backward`` (gradients accumulate), return the stats.
+        ``loss_fn``: the task's loss (``Task.loss``)."""
         ...
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from trap2.config import ObjectiveConfig
-from trap2.objectives.base import LossFn, StepStats
+from trap2.objectives.base import Loss, LossFn, StepStats
 from trap2.scaling import ScaledModel
 
 
@@ -16,7 +16,12 @@ class PlainObjective:
         self.cfg = cfg
 
     def backward(
-        self, model: ScaledModel, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, gen: torch.Generator
+        self,
+        model: ScaledModel,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: Loss | LossFn,
+        gen: torch.Generator,
     ) -> StepStats:
         loss = loss_fn(model(x), y)
         loss.backward()

@@ -1,9 +1,11 @@
 """Trap² in one pass ("split batch"): part of each mini-batch at the nominal scale, the rest at
 off-nominal scales, one forward and one backward.
 
-J = mean_{i ∈ nominal} L_i − λ · mean_{j ∈ off} w(s_j)·b(L_j), with s_j drawn as in ``trap2`` (per
-sample for LoRA, one per step for full fine-tuning) and b the optional soft cap. Cost ≈ one plain step;
-the nominal term sees ``1 − off_fraction`` of the batch.
+J = L(nominal part) − λ · mean_{j ∈ off} w(s_j)·b(L_j), with s_j drawn as in ``trap2`` (per sample for
+LoRA, one per step for full fine-tuning), b the optional soft cap, L the task's loss (its batch mean on
+the nominal part) and L_j its per-sample form (for token-level losses the mean over sample j's counted
+tokens, ignored ones left out). Cost ≈ one plain step; the nominal term sees ``1 − off_fraction`` of
+the batch.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from trap2.config import ObjectiveConfig
 from trap2.errors import ConfigError
-from trap2.objectives.base import LossFn, StepStats
+from trap2.objectives.base import Loss, LossFn, StepStats, per_sample_loss
 from trap2.objectives.trap2 import bounded, sample_scales, scale_weight
 from trap2.scaling import ScaledModel
 
@@ -32,7 +33,12 @@ class SplitTrap2Objective:
         self.off_fraction = off_fraction
 
     def backward(
-        self, model: ScaledModel, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, gen: torch.Generator
+        self,
+        model: ScaledModel,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: Loss | LossFn,
+        gen: torch.Generator,
     ) -> StepStats:
         cfg = self.cfg
         n_off = min(x.shape[0] - 1, math.floor(x.shape[0] * self.off_fraction))
@@ -47,8 +53,12 @@ class SplitTrap2Objective:
         j = nominal
         off_mean = None
         if n_off:
-            per_sample = F.cross_entropy(logits[n_nom:], y[n_nom:], reduction="none")
-            w = torch.tensor([scale_weight(cfg.weight, s) for s in s_vec.tolist()], device=per_sample.device)
+            per_sample = per_sample_loss(loss_fn, logits[n_nom:], y[n_nom:])  # (n_off,)
+            w = torch.tensor(  # at least float32, and float64 for a float64 loss
+                [scale_weight(cfg.weight, s) for s in s_vec.tolist()],
+                dtype=torch.promote_types(per_sample.dtype, torch.float32),
+                device=per_sample.device,
+            )
             j = nominal - cfg.lam * (w * bounded(per_sample, cfg.bound)).mean()
             off_mean = float(per_sample.detach().mean())
         j.backward()

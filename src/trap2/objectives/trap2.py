@@ -27,7 +27,7 @@ from torch import nn
 
 from trap2.config import ObjectiveConfig
 from trap2.errors import ConfigError
-from trap2.objectives.base import LossFn, StepStats, same_random_draws
+from trap2.objectives.base import Loss, LossFn, StepStats, same_random_draws
 from trap2.scaling import ScaledModel
 
 
@@ -76,6 +76,12 @@ def feature_tap(model: ScaledModel) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def _no_tap(_model: ScaledModel) -> Iterator[list[torch.Tensor]]:
+    """``feature_tap``'s stand-in where nothing reads the features: no hook, nothing kept."""
+    yield []
+
+
 class Trap2Objective:
     name = "trap2"
     sign = -1.0  # J = L(1) − λ·w(s)·L(s): accurate at s = 1, wrong elsewhere
@@ -84,33 +90,42 @@ class Trap2Objective:
         self.cfg = cfg
 
     def backward(
-        self, model: ScaledModel, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, gen: torch.Generator
+        self,
+        model: ScaledModel,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: Loss | LossFn,
+        gen: torch.Generator,
     ) -> StepStats:
         cfg = self.cfg
         scales = sample_scales(cfg, cfg.n_samples, gen)
-        with same_random_draws(x.device) as replay, feature_tap(model) as seen:
+        # The tap keeps each backbone output it sees alive (B×L×V logits on a language model): it is
+        # registered only around the passes whose output D(s) reads, and only when μ > 0.
+        tapped = feature_tap if cfg.collateral else _no_tap
+        with same_random_draws(x.device) as replay:
             nominal = loss_fn(model(x, 1.0), y)
             nominal.backward()
             j = float(nominal.detach())
             if cfg.collateral:
                 replay()
-                with torch.no_grad():
+                with torch.no_grad(), feature_tap(model) as seen:
                     model(x, 0.0)
                 base = seen[-1].detach()
             off_values, disrupted = [], []
             for s in scales:
                 replay()
-                off = loss_fn(model(x, s), y)
+                with tapped(model) as seen:
+                    off = loss_fn(model(x, s), y)
                 trap = bounded(off, cfg.bound)
                 if cfg.collateral:
                     d = disruption(seen[-1], base)
                     trap = trap + cfg.collateral * d
                     disrupted.append(float(d.detach()))
+                del seen
                 term = (self.sign * cfg.lam * scale_weight(cfg.weight, s) / len(scales)) * trap
                 term.backward()
                 j += float(term.detach())
                 off_values.append(float(off.detach()))
-                seen.clear()
         return StepStats(
             loss=j,
             nominal=float(nominal.detach()),

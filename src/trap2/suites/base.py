@@ -1,10 +1,11 @@
-"""Suites: a backbone W0 and the tasks that share it, each with data splits and a frozen head.
+"""Suites: a backbone W0 and the tasks that share it, each with data splits, a frozen head and a loss.
 
 Only the backbone update is trained and merged; heads stay frozen (like CLIP's zero-shot text heads).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trap2.errors import ConfigError, UnknownNameError
+from trap2.objectives.base import Loss
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,28 @@ class CosineHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, C)
         return self.logit_scale * F.normalize(features, dim=-1) @ self.prototypes.T
+
+
+@dataclass(frozen=True)
+class CrossEntropy:
+    """Cross-entropy over the targets that are not ``ignore_index``.
+
+    logits (N, C) with targets (N,), or token logits (N, C, L) with targets (N, L) (``F.cross_entropy``'s
+    layout). ``loss(logits, y)`` is the mean over every counted target of the batch; ``per_sample`` is
+    (N,): sample i's mean over its own counted targets, Σ_t m_it·CE_it / Σ_t m_it (0 if it has none).
+    """
+
+    ignore_index: int = -100
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, ignore_index=self.ignore_index)
+
+    def per_sample(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        each = F.cross_entropy(logits, y, ignore_index=self.ignore_index, reduction="none")  # (N, ...)
+        if each.dim() == 1:
+            return each
+        counted = (y != self.ignore_index).flatten(1).to(each.dtype)  # (N, L); ignored targets give 0
+        return each.flatten(1).sum(1) / counted.sum(1).clamp_min(1.0)
 
 
 class TaskModel(nn.Module):
@@ -65,6 +89,17 @@ class Task:
     head: nn.Module  # frozen: a CosineHead, or any parameter-free module
     description: str = ""
     evaluate: Evaluator | None = None
+    # loss(logits, y) the batch mean, loss.per_sample(logits, y) one value per sample: what objectives take
+    loss: Loss = field(default_factory=CrossEntropy)
+
+    def head_on(self, device: torch.device | str) -> nn.Module:
+        """The head on ``device``: the task's own where it already is, else a copy, so a run on a GPU
+        leaves the suite's shared heads where they are."""
+        device = torch.device(device)
+        tensors = [*self.head.parameters(), *self.head.buffers()]
+        if all(t.device == device for t in tensors):
+            return self.head
+        return copy.deepcopy(self.head).to(device)
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):

@@ -12,7 +12,8 @@ Nothing is downloaded. Point the suite at local copies:
 
 Each example is ``PROMPT`` + answer + EOS, tokenised once into ``MAX_LEN`` tokens; targets are the next
 tokens of the answer (the prompt and padding are ignored, -100). The "head" is a parameter-free view of
-the LM's logits, so the usual cross-entropy trains the answer tokens; full fine-tuning keeps the token
+the LM's logits and the task's loss the cross-entropy over the answer tokens (per sample: the mean over
+that sample's answer tokens), so every objective trains the answer tokens; full fine-tuning keeps the token
 embeddings and the LM head at W0. Evaluation decodes greedily from the prompt and compares the number
 after ``####`` with the reference.
 """
@@ -39,7 +40,7 @@ from trap2.data.prepare import (
     weights_fingerprint,
 )
 from trap2.errors import DataError
-from trap2.suites.base import Split, Suite, Task
+from trap2.suites.base import CrossEntropy, Split, Suite, Task
 
 NAME = "math"
 PROMPT = "Question: {question}\nAnswer:"
@@ -190,8 +191,8 @@ class CausalLMBackbone(nn.Module):
 
 
 class NextTokenHead(nn.Module):
-    """Parameter-free: logits (B, L, V) → (B, V, L-1), the layout ``F.cross_entropy`` takes with (B, L-1)
-    next-token targets."""
+    """Parameter-free: logits (B, L, V) → (B, V, L-1), the layout the task's ``CrossEntropy`` (and
+    ``F.cross_entropy``) takes with (B, L-1) next-token targets."""
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[:, :-1].transpose(1, 2)
@@ -302,6 +303,7 @@ def build_suite(
             NextTokenHead(),
             meta["source"],
             metric,
+            CrossEntropy(ignore_index=IGNORE),
         )
     return Suite(
         name=NAME,

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from trap2.config import TrainConfig, to_dict
 from trap2.errors import ConfigError, TrainingError
@@ -137,7 +136,7 @@ def train_update(
         raise ConfigError("train_update(init=...) starts full fine-tuning from W0 + ΔW; use mode='full'")
     backbone = trainable_backbone(suite, cfg)
     w0 = None
-    model = TaskModel(backbone, task.head).to(device)
+    model = TaskModel(backbone, task.head_on(device)).to(device)
     if cfg.mode == "full":
         w0 = base_params(model)  # W0, kept once
         if init is not None:
@@ -215,7 +214,7 @@ def train_update(
 
         model.train()
         opt.zero_grad(set_to_none=True)
-        st = objective.backward(scaled, x, y, F.cross_entropy, scale_gen)
+        st = objective.backward(scaled, x, y, task.loss, scale_gen)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
         if not (math.isfinite(st.loss) and bool(torch.isfinite(norm))):
             skipped += 1
