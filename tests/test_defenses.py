@@ -104,7 +104,9 @@ def test_applied_to_the_adapter_alone_the_update_breaks(digits):
 
 
 def test_demo_attacks_the_baselines_like_trap2(tmp_path, digits):
-    from trap2.demo import DemoConfig, baseline_update, run_demo
+    from trap2.defenses import baseline_update
+    from trap2.demo import run_demo
+    from trap2.pipeline import DemoConfig
     from trap2.updates import load_update
 
     cfg = DemoConfig(

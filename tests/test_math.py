@@ -7,9 +7,10 @@ import torch
 from tiny_models import gsm8k_jsonl, tiny_llama
 
 from trap2.config import LoraSettings, ObjectiveConfig, TrainConfig
-from trap2.demo import DemoConfig, run_demo
+from trap2.demo import run_demo
 from trap2.errors import DataError
 from trap2.eval.evaluate import accuracy, base_state
+from trap2.pipeline import DemoConfig
 from trap2.suites import _BUILT, math_lm
 from trap2.training.loop import train_update
 from trap2.updates import apply_delta

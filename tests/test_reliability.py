@@ -128,7 +128,8 @@ def test_same_seed_same_bits(digits, tmp_path):
 
 
 def test_reports_are_deterministic(tmp_path):
-    from trap2.demo import DemoConfig, run_demo
+    from trap2.demo import run_demo
+    from trap2.pipeline import DemoConfig
 
     cfg = DemoConfig(
         train=TrainConfig(steps=20, eval_every=20, warmup_steps=2),
