@@ -24,10 +24,10 @@ import torch  # noqa: E402
 
 from trap2.attacks.merge_attack import EvalContext, run_attack  # noqa: E402
 from trap2.config import ObjectiveConfig, TrainConfig, from_dict, load_yaml  # noqa: E402
-from trap2.demo import trained_update  # noqa: E402
 from trap2.eval.evaluate import accuracy, base_state, scaling_curve  # noqa: E402
 from trap2.hf.suite_train import train_with_trainer  # noqa: E402
 from trap2.io import atomic_path  # noqa: E402
+from trap2.pipeline import trained_update  # noqa: E402
 from trap2.suites import get_suite  # noqa: E402
 from trap2.updates import apply_delta  # noqa: E402
 

@@ -8,9 +8,9 @@ import pytest
 
 from trap2.audit import run_audit
 from trap2.config import ObjectiveConfig, TrainConfig
-from trap2.demo import DemoConfig
 from trap2.errors import ConfigError
 from trap2.eval.evaluate import accuracy, base_state
+from trap2.pipeline import DemoConfig
 from trap2.training import train_update
 from trap2.updates import apply_delta, load_update
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import trap2.demo
+import trap2.pipeline
 from trap2.bench import BenchConfig, _cell_key, run_bench
 from trap2.cli import app
 from trap2.config import ObjectiveConfig, TrainConfig
-from trap2.demo import DemoConfig, trained_update
 from trap2.errors import ConfigError
+from trap2.pipeline import DemoConfig, trained_update
 
 FAST = dict(steps=20, eval_every=20)
 
@@ -50,7 +50,7 @@ def test_bench_cells_summary_and_resume(tmp_path, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("a finished cell was recomputed")
 
-    monkeypatch.setattr(trap2.demo, "train_update", no_training)
+    monkeypatch.setattr(trap2.pipeline, "train_update", no_training)
     monkeypatch.setattr("trap2.bench.evaluate_protection", no_training)
     again = run_bench(small(), tmp_path)
     assert again["cells"] == summary["cells"]
@@ -68,7 +68,7 @@ def test_bench_cells_summary_and_resume(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "bench.json").read_text())["cells"] == changed["cells"]
 
     # a smaller pool: the cached updates of three tasks, merged among themselves (a new cell, no training)
-    monkeypatch.setattr(trap2.demo, "train_update", no_training)
+    monkeypatch.setattr(trap2.pipeline, "train_update", no_training)
     result = CliRunner().invoke(
         app, [*args, "--targets", "rot90", "--methods", "ta", "--tasks", "flip,rot90,parity"]
     )

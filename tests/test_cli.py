@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from trap2.config import ObjectiveConfig, TrainConfig
-from trap2.demo import DemoConfig, run_demo
+from trap2.demo import run_demo
 from trap2.errors import ConfigError
+from trap2.pipeline import DemoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from tiny_models import image_folders, tiny_clip
 
 from trap2.config import LoraSettings, ObjectiveConfig, TrainConfig
-from trap2.demo import DemoConfig, run_demo
+from trap2.demo import run_demo
 from trap2.errors import DataError
 from trap2.eval.evaluate import accuracy, base_state
+from trap2.pipeline import DemoConfig
 from trap2.suites import _BUILT, clip8
 from trap2.training.loop import train_update
 from trap2.updates import apply_delta

@@ -81,6 +81,16 @@ def test_defenses_refuse_a_cnn():
         params_defense(conv.state_dict(), conv.state_dict(), n_heads=2)
 
 
+def test_baseline_update_refuses_an_unknown_defense(digits):
+    from trap2.defenses import BASELINES, baseline_update
+    from trap2.updates import Update
+
+    assert BASELINES == ("params", "merge_lock")
+    with pytest.raises(ConfigError, match="'nope' is not one of params, merge_lock"):
+        baseline_update(digits, Update({}, {}), "nope", base_state(digits.make_backbone()))
+
+
+@pytest.mark.slow  # 300 LoRA steps
 def test_applied_to_the_adapter_alone_the_update_breaks(digits):
     update = train_update(
         digits, "rot90", TrainConfig(steps=300, eval_every=300, objective=ObjectiveConfig(name="none"))
@@ -103,8 +113,11 @@ def test_applied_to_the_adapter_alone_the_update_breaks(digits):
         assert standalone - broken > min_loss * gain, (standalone, broken)
 
 
+@pytest.mark.slow  # a whole demo: 9 trainings and the attacks
 def test_demo_attacks_the_baselines_like_trap2(tmp_path, digits):
-    from trap2.demo import DemoConfig, baseline_update, run_demo
+    from trap2.defenses import baseline_update
+    from trap2.demo import run_demo
+    from trap2.pipeline import DemoConfig
     from trap2.updates import load_update
 
     cfg = DemoConfig(

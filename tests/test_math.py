@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from tiny_models import gsm8k_jsonl, tiny_llama
 
 from trap2.config import LoraSettings, ObjectiveConfig, TrainConfig
-from trap2.demo import DemoConfig, run_demo
+from trap2.demo import run_demo
 from trap2.errors import DataError
 from trap2.eval.evaluate import accuracy, base_state
 from trap2.objectives import get_objective
 from trap2.objectives.trap2 import scale_weight
+from trap2.pipeline import DemoConfig
 from trap2.scaling import ScaledModel
 from trap2.suites import _BUILT, math_lm
 from trap2.suites.base import TaskModel

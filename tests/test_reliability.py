@@ -29,6 +29,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow  # 3 runs of 60 steps per mode
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_resume_is_bit_identical(digits, tmp_path, mode):
     cfg = dataclasses.replace(CFG, mode=mode, select="best")
@@ -66,13 +67,15 @@ def _cli(*args):
 
 
 def _wait_for(path, proc, timeout=120):
+    """Poll until ``path`` exists, failing if ``proc`` exits first or ``timeout`` seconds pass."""
     t0 = time.time()
     while not path.exists():
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else "exited"
         assert time.time() - t0 < timeout, f"{path} never appeared"
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
+@pytest.mark.slow  # two 400-step CLI runs and a resumed one
 def test_sigkill_during_training_then_resume(tmp_path):
     out = tmp_path / "u"
     args = ["train", "--out", str(out), "--task", "invert", "--steps", "400", "--threads", "1"]
@@ -81,8 +84,9 @@ def test_sigkill_during_training_then_resume(tmp_path):
     proc = subprocess.Popen(
         _cli(*args, "--checkpoint-every", "50"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
+    # killed as soon as the first checkpoint (step 50) is in place: between two checkpoint writes, with
+    # 350 steps left to run, whatever the machine's speed
     _wait_for(tmp_path / "u.checkpoint" / "state.json", proc)
-    time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()  # no half-written update where a finished one is expected
@@ -94,20 +98,57 @@ def test_sigkill_during_training_then_resume(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+# ``trap2 merge`` with os.replace held at the commit of OUT (argv[1]): it touches argv[2] once every output
+# file is written to the temporary folder, then waits there to be killed; argv[3:] are the CLI arguments
+_HELD_AT_COMMIT = """
+import os, sys, time
+from pathlib import Path
+
+target, reached = Path(sys.argv[1]).resolve(), Path(sys.argv[2])
+replace = os.replace
+
+
+def held(src, dst, *args, **kwargs):
+    if Path(dst).resolve() == target:
+        reached.touch()
+        time.sleep(600)
+    return replace(src, dst, *args, **kwargs)
+
+
+os.replace = held
+sys.argv = ["trap2", *sys.argv[3:]]
+from trap2.cli import main
+
+main()
+"""
+
+
 def test_sigkill_during_a_merge_leaves_no_output(tmp_path):
     g = torch.Generator().manual_seed(0)
     paths = []
-    for i in range(8):
+    for i in range(4):
         p = tmp_path / f"u{i}.safetensors"
-        save_tensors(p, {f"l{j}.weight": torch.randn(512, 512, generator=g) for j in range(24)})
+        save_tensors(p, {f"l{j}.weight": torch.randn(32, 32, generator=g) for j in range(3)})
         paths.append(str(p))
-    cmd = _cli("merge", *paths, "--base", str(paths[0]), "--method", "tsv", "--out", str(tmp_path / "m"))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(4.0)
-    assert proc.poll() is None, "the merge finished before it could be killed: make it bigger"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "m").exists()
+    out, reached = tmp_path / "m", tmp_path / "reached-commit"
+    args = ["merge", *paths, "--base", paths[0], "--method", "tsv", "--out", str(out), "--threads", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HELD_AT_COMMIT, str(out), str(reached), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(reached, proc)
+        partial = [p for p in tmp_path.iterdir() if p.name.startswith(".m.")]
+        assert len(partial) == 1 and any(partial[0].iterdir())  # written, but only to a temporary folder
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not out.exists()  # killed at the last moment: still no half-written result under OUT
+    r = subprocess.run(_cli(*args), capture_output=True, text=True)  # the leftover does not get in the way
+    assert r.returncode == 0, r.stderr
+    assert set(load_update(out).dense()) == {f"l{j}.weight" for j in range(3)}
 
 
 def test_same_seed_same_bits(digits, tmp_path):
@@ -127,8 +168,10 @@ def test_same_seed_same_bits(digits, tmp_path):
             assert (tmp_path / "x" / name).read_bytes() == (tmp_path / "y" / name).read_bytes()
 
 
+@pytest.mark.slow  # two whole demos
 def test_reports_are_deterministic(tmp_path):
-    from trap2.demo import DemoConfig, run_demo
+    from trap2.demo import run_demo
+    from trap2.pipeline import DemoConfig
 
     cfg = DemoConfig(
         train=TrainConfig(steps=20, eval_every=20, warmup_steps=2),

@@ -78,6 +78,7 @@ def test_bad_lora_targets_are_a_clear_error(digits):
         train_update(digits, "flip", dataclasses.replace(SHORT, lora=LoraSettings(target_modules=("nope",))))
 
 
+@pytest.mark.slow  # 2 × 300 steps per mode
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_protected_curve_collapses_off_nominal_and_plain_does_not(digits, mode):
     """The behaviour the method promises, on a short real run."""

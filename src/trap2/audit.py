@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trap2.demo import DemoConfig, evaluate_protection, trained_update
 from trap2.errors import ConfigError
+from trap2.pipeline import DemoConfig, evaluate_protection, trained_update
 from trap2.progress import LogReporter, Reporter
 from trap2.suites import get_suite
 from trap2.updates import Update, load_update

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from trap2.config import TrainConfig, config_hash, from_dict, help_field, to_dict
-from trap2.demo import CURVE_SCALES, DemoConfig, evaluate_protection, trained_pool
 from trap2.errors import ConfigError
 from trap2.eval.report import pct, threats_table
 from trap2.io import write_json, write_text
+from trap2.pipeline import CURVE_SCALES, DemoConfig, evaluate_protection, trained_pool
 from trap2.progress import LogReporter, Reporter
 from trap2.suites import get_suite
 from trap2.suites.base import Suite

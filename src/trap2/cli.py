@@ -177,7 +177,7 @@ def demo(
 def _demo_config(config: Path | None, **overrides: Any) -> Any:
     """DemoConfig from its defaults, the YAML ``config`` and the CLI ``overrides`` (None = not given)."""
     from trap2.config import from_dict, load_yaml, to_dict
-    from trap2.demo import DemoConfig
+    from trap2.pipeline import DemoConfig
 
     raw = load_yaml(config) if config else {}
     base = to_dict(DemoConfig())

@@ -1,166 +1,28 @@
-"""The main job on a suite: train every task's unprotected update and a protected one for a target,
-then measure standalone accuracy, the target's scaling curve, and merged accuracy with and without
-protection (coefficient searched on validation data). Trained updates are cached by config.
+"""``trap2 demo``, the main job on a suite: train every task's unprotected update and a protected one
+for a target, then measure standalone accuracy, the target's scaling curve, and merged accuracy with
+and without protection (coefficient searched on validation data). Trained updates are cached by config.
+The work is :mod:`trap2.pipeline`'s; this module runs it on a suite and renders the terminal summary.
 
 Run:  trap2 demo --out runs/demo        (or ``run_demo(DemoConfig(), "runs/demo")``)
 """
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from trap2.attacks import DATA_METHODS, SEARCHES, TA_SEARCHES, EvalContext, attack_matrix, run_attack
-from trap2.config import ObjectiveConfig, TrainConfig, config_hash, help_field, to_dict
-from trap2.errors import ConfigError
-from trap2.eval.evaluate import accuracy, base_state, scaling_curve
-from trap2.eval.report import write_report
-from trap2.merging import SPACES, get_merge_method
+from trap2.pipeline import DemoConfig, evaluate_protection, trained_pool
 from trap2.progress import LogReporter, Reporter
 from trap2.suites import get_suite
-from trap2.suites.base import Suite
-from trap2.training import train_update
-from trap2.updates import Update, apply_delta, load_update
-
-CURVE_SCALES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    suite: str = help_field("registered suite", "digits")
-    target: str | None = help_field("task whose update is protected; null = the suite's default", None)
-    tasks: tuple[str, ...] = help_field(
-        "the tasks fine-tuned and merged: a subset of the suite's (empty = all); the target is one of them",
-        (),
-    )
-    train: TrainConfig = help_field(
-        "training settings shared by every run; the protected run uses train.objective",
-        default_factory=lambda: TrainConfig(objective=ObjectiveConfig(name="trap2")),
-    )
-    methods: tuple[str, ...] = help_field(
-        "merge methods to attack with (registered ones, or 'regmean': data-dependent, full space)",
-        ("ta", "ties", "dare_ties", "tsv", "cart"),
-    )
-    spaces: tuple[str, ...] = help_field(
-        "merge spaces (task arithmetic is the same in all: run in full only)", ("full", "knots", "core")
-    )
-    extra_searches: tuple[str, ...] = help_field(
-        "searches besides the global one: per_task, pinned and prodistill (task arithmetic: per-member, "
-        "member pinned at 1, per-layer coefficients distilled from unlabelled samples), restore (every "
-        "other method: the protected member put back at its nominal scale after the merge), untrap "
-        "(every method: the member fine-tuned on 100 labelled samples to work at every scale first), "
-        "recover10 / recover100 (every method: the merge fine-tuned on 10 / 100 labelled samples per task)",
-        ("per_task", "pinned"),
-    )
-    hparam_search: bool = help_field(
-        "also search each method's hyperparameters coordinate-wise (slower)", False
-    )
-    baselines: tuple[str, ...] = help_field(
-        "post-hoc defenses attacked like Trap² (Transformers only): params (PaRaMS), merge_lock", ()
-    )
-    baseline_searches: tuple[str, ...] | None = help_field(
-        "the searches the baselines are attacked with (null: every cell Trap² gets; 'global' and any "
-        "of extra_searches)",
-        None,
-    )
-    scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
-
-    def __post_init__(self) -> None:
-        if self.train.objective.name == "none":
-            raise ConfigError(
-                "demo: train.objective must be a protecting objective (e.g. 'trap2'), not 'none'"
-            )
-        for name in ("tasks", "methods", "spaces", "extra_searches", "baselines"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.target is not None and self.tasks and self.target not in self.tasks:
-            raise ConfigError(f"target {self.target!r} is not among tasks {list(self.tasks)}")
-        for m in self.methods:
-            if m not in DATA_METHODS:
-                get_merge_method(m)
-        for sp in self.spaces:
-            SPACES.get(sp)
-        for se in self.extra_searches:
-            if se not in SEARCHES or se == "global":
-                raise ConfigError(
-                    f"extra_searches: {se!r} is not one of {', '.join(x for x in SEARCHES if x != 'global')}"
-                )
-        for b in self.baselines:
-            if b not in BASELINES:
-                raise ConfigError(f"baselines: {b!r} is not one of {', '.join(BASELINES)}")
-        if self.baseline_searches is not None:
-            object.__setattr__(self, "baseline_searches", tuple(self.baseline_searches))
-            for se in self.baseline_searches:
-                if se != "global" and se not in self.extra_searches:
-                    raise ConfigError(f"baseline_searches: {se!r} is neither 'global' nor in extra_searches")
-        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
-
-    def cells(self) -> list[tuple[str, str, str]]:
-        """(method, space, search) cells: Core needs LoRA updates; TA is space-independent; data-dependent
-        merges run in full space; restore applies to the merges that are not linear."""
-        spaces = [sp for sp in self.spaces if sp != "core" or self.train.mode == "lora"]
-
-        def where(m: str) -> list[str]:
-            return ["full"] if m == "ta" or m in DATA_METHODS else spaces
-
-        out = [(m, sp, "global") for m in self.methods for sp in where(m)]
-        every = ("untrap", "recover10", "recover100")  # every method, TA included
-        if "ta" in self.methods:
-            out += [("ta", "full", se) for se in self.extra_searches if se in (*TA_SEARCHES, *every)]
-        for se in self.extra_searches:
-            if se == "restore" or se in every:
-                out += [(m, sp, se) for m in self.methods if m != "ta" for sp in where(m)]
-        return out
-
-
-def trained_update(
-    suite: Suite,
-    task: str,
-    cfg: TrainConfig,
-    cache: Path,
-    fresh: bool = False,
-    reporter: Reporter | None = None,
-) -> Update:
-    """Train (or reuse the cached) update for ``task`` under ``cfg``. With ``cfg.checkpoint_every`` the
-    run checkpoints next to the cache entry and an interrupted run resumes from there."""
-    # checkpointing does not change the result (resume is bit-identical): not part of the key
-    key = config_hash(suite.name, suite.fingerprint, task, dataclasses.replace(cfg, checkpoint_every=None))
-    folder = cache / f"{suite.name}-{task}-{cfg.mode}-{cfg.objective.name}-{key}"
-    if folder.is_dir() and not fresh:
-        return load_update(folder)
-    ckpt = folder.with_name(folder.name + ".checkpoint")
-    if fresh:
-        shutil.rmtree(ckpt, ignore_errors=True)
-    resume = cfg.checkpoint_every is not None and ckpt.is_dir()
-    reporter = reporter or LogReporter()
-    with reporter.stage(f"train {task} ({cfg.objective.name}, {cfg.mode})", cfg.run_steps) as advance:
-        last = [0]
-
-        def progress(step: int, _row: Mapping[str, float]) -> None:
-            advance(step - last[0])
-            last[0] = step
-
-        result = train_update(
-            suite, task, cfg, progress, checkpoint_dir=ckpt if cfg.checkpoint_every else None, resume=resume
-        )
-    result.update.save(folder, peft_model=result.peft_model)
-    shutil.rmtree(ckpt, ignore_errors=True)  # the finished update replaces the checkpoint
-    return result.update
-
-
-def _mean(accs: Mapping[str, float]) -> dict[str, float]:
-    return {**accs, "mean": sum(accs.values()) / len(accs)}
 
 
 def run_demo(
     cfg: DemoConfig, out: str | Path, fresh: bool = False, reporter: Reporter | None = None
 ) -> dict[str, Any]:
+    """Train the pool and the protected update on ``cfg.suite`` (cached under ``out/updates``), attack
+    them and write the report to ``out``; returns the report."""
     t0 = time.perf_counter()
     reporter = reporter or LogReporter()
     out = Path(out)
@@ -169,109 +31,6 @@ def run_demo(
     suite.task(target)  # validates the name
     updates, protected = trained_pool(suite, target, cfg.train, out / "updates", fresh, reporter)
     return evaluate_protection(suite, target, updates, protected, cfg, out, reporter, t0)
-
-
-def trained_pool(
-    suite: Suite, target: str, train: TrainConfig, cache: Path, fresh: bool, reporter: Reporter
-) -> tuple[dict[str, Update], Update]:
-    """Every task's plain update (``train`` with objective 'none') and the target's protected one."""
-    plain_cfg = train.plain()
-    updates = {t: trained_update(suite, t, plain_cfg, cache, fresh, reporter) for t in suite.task_names}
-    return updates, trained_update(suite, target, train, cache, fresh, reporter)
-
-
-def evaluate_protection(
-    suite: Suite,
-    target: str,
-    updates: Mapping[str, Update],
-    protected: Update,
-    cfg: DemoConfig,
-    out: Path,
-    reporter: Reporter,
-    t0: float,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Standalone accuracy, the target's scaling curve and the attack matrix of a protected update
-    against the unprotected pool ``updates`` (one per task); writes the report to ``out``."""
-    tasks = suite.task_names
-    backbone = suite.make_backbone()
-    w0 = base_state(backbone)
-    dense = {t: u.dense() for t, u in updates.items()}
-    prot_dense = protected.dense()
-    for name, u in [*updates.items(), ("protected", protected)]:
-        u.check_base(w0, suite.fingerprint, where=f"update {name}")
-
-    def acc_at(delta: Mapping[str, torch.Tensor], task: str, split: str, c: float = 1.0) -> float:
-        return accuracy(backbone, suite.task(task), split, apply_delta(w0, delta, c))
-
-    zero_shot = _mean({t: accuracy(backbone, suite.task(t), "test") for t in tasks})
-    standalone = _mean({t: acc_at(dense[t], t, "test") for t in tasks})
-    ft_val = {t: acc_at(dense[t], t, "val") for t in tasks}
-    prot_test = acc_at(prot_dense, target, "test")
-    curve_plain = scaling_curve(backbone, suite.task(target), dense[target], cfg.scales)
-    curve_prot = scaling_curve(backbone, suite.task(target), prot_dense, cfg.scales)
-
-    ctx = EvalContext(suite, ft_val)
-    pools = {
-        False: [updates[t] for t in tasks],
-        True: [protected if t == target else updates[t] for t in tasks],
-    }
-    cells = cfg.cells()
-    with reporter.stage("attack: merge + coefficient search", 2 * len(cells)) as advance:
-        attacks = attack_matrix(
-            ctx, pools, cells, tasks.index(target), cfg.hparam_search, lambda _r: advance(1)
-        )
-
-    baselines = []
-    if cfg.baselines:
-        i = tasks.index(target)
-        b_cells = [c for c in cells if cfg.baseline_searches is None or c[2] in cfg.baseline_searches]
-        with reporter.stage("attack: post-hoc baselines", len(cfg.baselines) * len(b_cells)) as advance:
-            for name in cfg.baselines:
-                defended = baseline_update(suite, updates[target], name, w0)
-                pool = [defended if t == target else updates[t] for t in tasks]
-                for method, space, search in b_cells:
-                    rec = run_attack(ctx, pool, method, space, search, i, hparam_search=cfg.hparam_search)
-                    baselines.append({**rec, "defense": name})
-                    advance(1)
-
-    report = {
-        "suite": suite.name,
-        "target": target,
-        "tasks": tasks,
-        "seed": cfg.train.seed,
-        "zero_shot": zero_shot,
-        "standalone": {"unprotected": standalone, "protected": {target: prot_test}},
-        "scaling_curve": {"s": list(cfg.scales), "unprotected": curve_plain, "protected": curve_prot},
-        "attacks": attacks,
-        **({"baselines": baselines} if baselines else {}),
-        "config": to_dict(cfg),
-        "wall_seconds": time.perf_counter() - t0,
-        **(extra or {}),
-    }
-    write_report(report, out)
-    return report
-
-
-BASELINES = ("params", "merge_lock")
-
-
-def baseline_update(suite: Suite, update: Update, defense: str, w0: Mapping[str, torch.Tensor]) -> Update:
-    """The unprotected ``update`` released instead through a post-hoc defense: the full weights
-    W0 + ΔW reparameterised (function-preserving), as a dense delta from the suite's ``w0``."""
-    from trap2.defenses import merge_lock, params_defense
-
-    n_heads = suite.info.get("n_heads")
-    if not isinstance(n_heads, int):
-        raise ConfigError(f"baselines need a Transformer suite (n_heads); {suite.name!r} has none")
-    delta = update.dense()
-    full = {n: w0[n] + delta[n] if n in delta else w0[n] for n in w0}
-    if defense == "params":
-        locked = params_defense(full, w0, n_heads=n_heads)
-    else:
-        locked = merge_lock(full, n_heads=n_heads)
-    meta = {**update.meta, "defense": defense}
-    return Update({n: locked[n] - w0[n] for n in w0 if not torch.equal(locked[n], w0[n])}, meta)
 
 
 def summary_rows(report: Mapping[str, Any]) -> Sequence[tuple[str, str, str]]:
