@@ -138,9 +138,9 @@ def test_every_objective_field_round_trips_through_yaml(tmp_path):
 
 def test_every_objective_field_round_trips_through_the_cli(monkeypatch):
     """`trap2 train --objective ... --lam ... --s-min ...`: one option per field, named after it."""
-    import trap2.training
     from typer.testing import CliRunner
 
+    import trap2.training
     from trap2.cli import app
 
     cfg = non_default_objective()
