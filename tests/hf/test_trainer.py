@@ -164,7 +164,9 @@ def test_collateral_on_a_plain_transformers_model_uses_the_last_hidden_state(tmp
     )
     model = BertForSequenceClassification(cfg)
     if mode == "lora":
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"]))
+        model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
+        )
         for m in model.modules():
             if hasattr(m, "lora_B"):
                 torch.nn.init.normal_(m.lora_B["default"].weight, std=0.5)

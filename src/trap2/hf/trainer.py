@@ -60,7 +60,9 @@ TRAINER_OBJECTIVES = ("none", "trap2")
 DEFAULT_LAMBDA = {"lora": 1e-3, "full": 5e-3}  # the paper's values; λ depends on the loss scale
 _RENAMED = {"name": "trap2_objective", "lam": "trap2_lambda"}  # the names publishers already use
 # ObjectiveConfig field -> Trap2TrainingArguments argument, for every field of the config
-OBJECTIVE_ARGS = {f.name: _RENAMED.get(f.name, f"trap2_{f.name}") for f in dataclasses.fields(ObjectiveConfig)}
+OBJECTIVE_ARGS = {
+    f.name: _RENAMED.get(f.name, f"trap2_{f.name}") for f in dataclasses.fields(ObjectiveConfig)
+}
 
 
 def _help(text: str, default: Any) -> Any:
@@ -203,8 +205,9 @@ class Trap2Mixin:
         off_sum = 0.0
         offs, disrupted = [], []
         # feature_tap reads `.model`: point it at the module whose output is the features
-        tap = feature_tap(types.SimpleNamespace(model=self._trap2_features)) if cfg.collateral else None
-        with same_random_draws(self.args.device) as replay, tap or contextlib.nullcontext() as seen:
+        features = types.SimpleNamespace(model=self._trap2_features)
+        tap = feature_tap(features) if cfg.collateral else contextlib.nullcontext()
+        with same_random_draws(self.args.device) as replay, tap as seen:
             if cfg.collateral:  # the features at W0 (s = 0), no gradient
                 with torch.no_grad(), self.trap2_scaled(model, 0.0):
                     super().compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
@@ -225,8 +228,6 @@ class Trap2Mixin:
                 off_sum = off_sum + term.detach()
                 offs.append(float(off.detach()))
                 replay()
-            if seen is not None:
-                seen.clear()
             loss, outputs = super().compute_loss(
                 model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
             )
