@@ -1,6 +1,10 @@
 """The two training paths side by side: the built-in loop vs ``Trap2Trainer`` on the digits suite.
 
     .venv/bin/python scripts/trainer_parity.py [--out runs/parity] [--mode lora|full]
+    .venv/bin/python scripts/trainer_parity.py --objective law=log --objective collateral=0.3
+
+``--objective KEY=VALUE`` (repeatable) changes any ObjectiveConfig field of the protected runs, the
+extensions included: both paths train the same objective.
 
 For the target task (rot90) both paths train an unprotected and a Trap²-protected update from the same
 ``TrainConfig`` (configs/digits-demo.yaml's settings); the other seven tasks' unprotected updates come
@@ -21,9 +25,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from trap2.attacks.merge_attack import EvalContext, run_attack  # noqa: E402
 from trap2.config import ObjectiveConfig, TrainConfig, from_dict, load_yaml  # noqa: E402
+from trap2.errors import ConfigError  # noqa: E402
 from trap2.eval.evaluate import accuracy, base_state, scaling_curve  # noqa: E402
 from trap2.hf.suite_train import train_with_trainer  # noqa: E402
 from trap2.io import atomic_path  # noqa: E402
@@ -34,11 +40,25 @@ from trap2.updates import apply_delta  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compare(out: Path, mode: str = "lora", target: str = "rot90") -> dict:
+def objective_overrides(pairs: list[str]) -> dict[str, object]:
+    """``["law=log", "collateral=0.3"]`` -> {"law": "log", "collateral": 0.3} (values read as YAML)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--objective {pair!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def compare(
+    out: Path, mode: str = "lora", target: str = "rot90", objective: dict[str, object] | None = None
+) -> dict:
     suite = get_suite("digits")
     train = load_yaml(ROOT / "configs" / ("digits-full.yaml" if mode == "full" else "digits-demo.yaml"))[
         "train"
     ]
+    train["objective"] = {**train.get("objective", {}), **(objective or {})}
     cfg = from_dict(TrainConfig, train)
     plain = dataclasses.replace(cfg, objective=ObjectiveConfig(name="none"))
     tasks = suite.task_names
@@ -75,16 +95,22 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "parity")
     ap.add_argument("--mode", choices=["lora", "full"], default="lora")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--objective", action="append", default=[], metavar="KEY=VALUE", help="an ObjectiveConfig field"
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    rows = compare(a.out, a.mode)
+    overrides = objective_overrides(a.objective)
+    rows = compare(a.out, a.mode, objective=overrides)
     keys = list(next(iter(rows.values())))
-    print(f"digits, {a.mode}, target rot90 (test accuracy %; merges: mean of 8 tasks)")
+    extra = "".join(f", {k}={v}" for k, v in overrides.items())
+    print(f"digits, {a.mode}{extra}, target rot90 (test accuracy %; merges: mean of 8 tasks)")
     print(f"| {'':16} | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for name, row in rows.items():
         print(f"| {name:16} | " + " | ".join(f"{row[k]:.1f}" for k in keys) + " |")
-    with atomic_path(a.out / f"parity-{a.mode}.json") as tmp:
+    suffix = "".join(f"-{k}{v}" for k, v in overrides.items())
+    with atomic_path(a.out / f"parity-{a.mode}{suffix}.json") as tmp:
         tmp.write_text(json.dumps(rows, indent=2))
     return 0
 

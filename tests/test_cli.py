@@ -215,3 +215,25 @@ def test_written_files_have_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o666 & ~mask
+
+
+def test_objective_options_come_from_the_config_and_refuse_a_clash():
+    """Every ObjectiveConfig field is an option of `train` and `demo`; a command option that would shadow
+    one is an error when the command is defined, not a silently dropped knob."""
+    from typing import Annotated
+
+    import typer
+    from typer.main import get_command
+
+    from trap2.cli import app, objective_flags, objective_options
+
+    flags = objective_flags()
+    assert set(flags) == {f.name for f in dataclasses.fields(ObjectiveConfig)}
+    for name in ("train", "demo"):
+        opts = {o for p in get_command(app).commands[name].params for o in p.opts}
+        assert set(flags.values()) <= opts, name
+    with pytest.raises(TypeError, match="--lam is both an option and objective.lam"):
+
+        @objective_options
+        def clash(lam: Annotated[float, typer.Option("--lam")] = 0.0, objective: dict | None = None) -> None:
+            pass

@@ -1,3 +1,7 @@
+import dataclasses
+import re
+from pathlib import Path
+
 import pytest
 
 from trap2.config import (
@@ -94,3 +98,122 @@ def test_a_later_field_at_its_default_keeps_old_cache_keys():
     on = TrainConfig(objective=ObjectiveConfig(collateral=2.0))
     assert config_hash(on) != config_hash(TrainConfig()) != config_hash(TrainConfig(protect_steps=900))
     assert to_dict(on)["objective"]["collateral"] == 2.0  # saved configs still spell it out
+
+
+# --- ObjectiveConfig is the one source of the objective's knobs (issue #20, defect 3) ------------------
+
+# One value per field, each different from the field's default. A field added to ObjectiveConfig without
+# a value here fails the check below: it must be carried through YAML, the CLI and the Trainer.
+NON_DEFAULT = {
+    "name": "none",
+    "lam": 0.02,
+    "s_min": 0.1,
+    "s_max": 1.5,
+    "delta": 0.08,
+    "weight": "inv_sqrt",
+    "n_samples": 3,
+    "law": "log",
+    "bound": 50.0,
+    "collateral": 0.3,
+}
+
+
+def non_default_objective() -> ObjectiveConfig:
+    fields = {f.name: f for f in dataclasses.fields(ObjectiveConfig)}
+    assert set(NON_DEFAULT) == set(fields), "give every ObjectiveConfig field a non-default value here"
+    for name, f in fields.items():
+        assert NON_DEFAULT[name] != f.default, name
+    return ObjectiveConfig(**NON_DEFAULT)
+
+
+def test_every_objective_field_round_trips_through_yaml(tmp_path):
+    import yaml
+
+    cfg = non_default_objective()
+    assert from_dict(ObjectiveConfig, to_dict(cfg)) == cfg
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"train": {"objective": to_dict(cfg)}}))
+    assert from_dict(TrainConfig, load_yaml(p)["train"]).objective == cfg
+
+
+def test_every_objective_field_round_trips_through_the_cli(monkeypatch):
+    """`trap2 train --objective ... --lam ... --s-min ...`: one option per field, named after it."""
+    from typer.testing import CliRunner
+
+    import trap2.training
+    from trap2.cli import app
+
+    cfg = non_default_objective()
+    seen = []
+
+    def capture(suite, task, train_cfg, *args, **kwargs):
+        seen.append(train_cfg)
+        raise SystemExit(0)  # stop before training
+
+    monkeypatch.setattr(trap2.training, "train_update", capture)
+    argv = ["train", "--out", "unused"]
+    for f in dataclasses.fields(ObjectiveConfig):
+        flag = "--objective" if f.name == "name" else "--" + f.name.replace("_", "-")
+        argv += [flag, str(getattr(cfg, f.name))]
+    r = CliRunner().invoke(app, argv)
+    assert seen, r.output
+    assert seen[0].objective == cfg
+
+
+def test_every_objective_field_round_trips_through_the_trainer_arguments(tmp_path):
+    """ObjectiveConfig -> trap2_* arguments -> ObjectiveConfig, as keywords and as HfArgumentParser flags."""
+    from transformers import HfArgumentParser
+
+    from trap2.hf import Trap2TrainingArguments
+
+    cfg = non_default_objective()
+    kwargs = Trap2TrainingArguments.objective_arguments(cfg)
+    legacy = {"name": "trap2_objective", "lam": "trap2_lambda"}  # the two names publishers already use
+    assert set(kwargs) == {legacy.get(f.name, f"trap2_{f.name}") for f in dataclasses.fields(ObjectiveConfig)}
+    args = Trap2TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **kwargs)
+    for mode in ("lora", "full"):
+        assert args.objective_config(mode) == cfg
+    argv = ["--output_dir", str(tmp_path), "--use_cpu", "true"]
+    for arg, value in kwargs.items():
+        argv += [f"--{arg}", str(value)]
+    (parsed,) = HfArgumentParser(Trap2TrainingArguments).parse_args_into_dataclasses(argv)
+    assert parsed.objective_config("lora") == cfg
+    # the help text is the config's
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(Trap2TrainingArguments)}
+    for f in dataclasses.fields(ObjectiveConfig):
+        assert helps[legacy.get(f.name, f"trap2_{f.name}")].startswith(f.metadata["help"]), f.name
+
+
+def _readme_knob_table() -> dict[str, str]:
+    """{knob: default cell} of the README's table under 'The objective and its knobs'."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## The objective and its knobs", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or not cells[0].startswith("`"):
+            continue
+        names = re.findall(r"`([a-z_]+)`", cells[0])
+        defaults = [d.strip() for d in cells[1].split(",")]
+        if len(defaults) != len(names):
+            defaults = [cells[1]] * len(names)
+        rows.update(zip(names, defaults, strict=True))
+    return rows
+
+
+def _readme_value(cell: str) -> object:
+    token = cell.split(" (")[0].strip().strip("`")
+    if token == "none":
+        return None
+    try:
+        return float(token)
+    except ValueError:
+        return token
+
+
+def test_readme_knob_table_lists_every_objective_field_with_its_default():
+    table = _readme_knob_table()
+    for f in dataclasses.fields(ObjectiveConfig):
+        assert f.name in table, f"README's knob table lacks objective.{f.name}"
+        want = f.default if not isinstance(f.default, int) else float(f.default)
+        assert _readme_value(table[f.name]) == want, (f.name, table[f.name], f.default)

@@ -11,12 +11,16 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import types  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Annotated, Any  # noqa: E402
+from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints  # noqa: E402
 
 import typer  # noqa: E402
 
@@ -42,43 +46,101 @@ def _threads(n: int | None) -> None:
     torch.set_num_threads(n)
 
 
-def _train_config(base: dict[str, Any], **overrides: Any) -> Any:
+# --- the objective's options, one per ObjectiveConfig field ----------------------------------------
+
+_OBJECTIVE_FLAGS = {"name": "objective"}  # the CLI's spelling of a field, where it is not the field's
+
+
+def objective_flags() -> dict[str, str]:
+    """{ObjectiveConfig field: its option}: ``--objective`` for ``name``, else ``--s-min`` for ``s_min``."""
+    from trap2.config import ObjectiveConfig
+
+    return {
+        f.name: "--" + _OBJECTIVE_FLAGS.get(f.name, f.name).replace("_", "-")
+        for f in dataclasses.fields(ObjectiveConfig)
+    }
+
+
+def objective_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``command`` one option per :class:`ObjectiveConfig` field, typed and documented by the field.
+
+    The command declares ``objective: dict[str, Any]`` where the options go in its ``--help``; it
+    receives {field: value given}, the options left out being absent. A field added to the config
+    becomes an option by itself.
+    """
+    from rich.markup import escape
+
+    from trap2.config import ObjectiveConfig
+
+    hints = get_type_hints(ObjectiveConfig)
+    sig = inspect.signature(command, eval_str=True)
+    names = list(sig.parameters)
+    at = names.index("objective")
+    others = [p for p in sig.parameters.values() if p.name != "objective"]
+    taken = {p.name for p in others} | {flag for p in others for flag in _flags(p)}
+    generated, flags = [], objective_flags()
+    for f in dataclasses.fields(ObjectiveConfig):
+        tp = hints[f.name]
+        if get_origin(tp) in (Union, types.UnionType):
+            (tp,) = [a for a in get_args(tp) if a is not type(None)]
+        if tp not in (str, int, float, bool):
+            raise TypeError(f"objective.{f.name}: no CLI option for type {tp}")
+        param, flag = f"objective_{f.name}", flags[f.name]
+        if param in taken or flag in taken:
+            raise TypeError(f"{command.__name__}: {flag} is both an option and objective.{f.name}")
+        help_text = escape(f.metadata["help"])  # typer renders rich markup: "[s_min, 1−δ]" is text
+        option = typer.Option(flag, help=help_text, show_default=False)
+        generated.append(
+            inspect.Parameter(
+                param, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[tp | None, option]
+            )
+        )
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        given = {f.name: kwargs.pop(f"objective_{f.name}") for f in dataclasses.fields(ObjectiveConfig)}
+        return command(*args, objective={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()]
+    params = own[:at] + generated + own[at + 1 :]
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+def _flags(param: inspect.Parameter) -> list[str]:
+    """The options a typer parameter declares: its explicit ones, or the one typer derives from its name."""
+    explicit = []
+    for info in getattr(param.annotation, "__metadata__", ()):  # in Annotated, the first name is `default`
+        explicit += [getattr(info, "default", None), *(getattr(info, "param_decls", None) or ())]
+    flags = [d for d in explicit if isinstance(d, str) and d.startswith("-")]
+    return flags or ["--" + param.name.replace("_", "-")]
+
+
+def _train_config(base: dict[str, Any], objective: dict[str, Any] | None = None, **overrides: Any) -> Any:
+    """TrainConfig from ``base`` (the YAML's ``train``), the objective options given and the other
+    options given (None = not given)."""
     from trap2.config import TrainConfig, from_dict
 
     data = dict(base)
-    objective = dict(data.get("objective", {}))
-    for key in ("lam", "s_min", "s_max", "delta", "weight", "law", "bound", "collateral"):
-        if overrides.get(key) is not None:
-            objective[key] = overrides.pop(key)
-    if overrides.get("objective") is not None:
-        objective["name"] = overrides.pop("objective")
-    overrides.pop("objective", None)
-    data["objective"] = objective
+    data["objective"] = {**data.get("objective", {}), **(objective or {})}
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_dict(TrainConfig, data)
 
 
 @app.command()
+@objective_options
 def train(
     out: Annotated[Path, typer.Option(help="folder for the released update")],
     suite: Annotated[str | None, typer.Option(help="suite (default: digits)")] = None,
     task: Annotated[
         str | None, typer.Option(help="task of the suite (default: the suite's default target)")
     ] = None,
-    objective: Annotated[str | None, typer.Option(help="'trap2' (protected) or 'none' (plain)")] = None,
     mode: Annotated[str | None, typer.Option(help="'lora' or 'full'")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
-    lam: Annotated[float | None, typer.Option(help="λ of the off-nominal term")] = None,
-    s_min: Annotated[float | None, typer.Option(help="smallest sampled scale")] = None,
-    s_max: Annotated[float | None, typer.Option(help="largest sampled scale")] = None,
-    delta: Annotated[float | None, typer.Option(help="excluded band half-width δ around s = 1")] = None,
-    weight: Annotated[str | None, typer.Option(help="w(s): inv, inv_sqrt or none")] = None,
-    law: Annotated[str | None, typer.Option(help="how s is drawn: uniform (the paper) or log")] = None,
-    bound: Annotated[float | None, typer.Option(help="soft cap τ on the off-nominal loss")] = None,
-    collateral: Annotated[
-        float | None, typer.Option(help="μ: also reward off-scale feature disruption (extension)")
-    ] = None,
+    # --objective, --lam, --s-min, ...: one option per ObjectiveConfig field (objective_options)
+    objective: dict[str, Any] | None = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto")] = None,
     checkpoint_every: Annotated[
@@ -104,18 +166,10 @@ def train(
         )
     cfg = _train_config(
         raw.get("train", {}),
-        objective=objective,
+        objective,
         mode=mode,
         steps=steps,
         lr=lr,
-        lam=lam,
-        s_min=s_min,
-        s_max=s_max,
-        delta=delta,
-        weight=weight,
-        law=law,
-        bound=bound,
-        collateral=collateral,
         seed=seed,
         device=device,
         checkpoint_every=checkpoint_every,
@@ -149,6 +203,7 @@ def train(
 
 
 @app.command()
+@objective_options
 def demo(
     out: Annotated[
         Path, typer.Option(help="output folder (report.json, report.md, scaling_curve.png, updates/)")
@@ -157,7 +212,8 @@ def demo(
     target: Annotated[str | None, typer.Option(help="task to protect (default: the suite's)")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps of every run")] = None,
     mode: Annotated[str | None, typer.Option(help="'lora' or 'full'")] = None,
-    lam: Annotated[float | None, typer.Option(help="λ of the off-nominal term")] = None,
+    # --objective, --lam, --s-min, ...: one option per ObjectiveConfig field (objective_options)
+    objective: dict[str, Any] | None = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="retrain instead of reusing cached updates")] = False,
     config: ConfigOpt = None,
@@ -168,23 +224,24 @@ def demo(
     from trap2.progress import RichReporter
 
     _threads(threads)
-    cfg = _demo_config(config, suite=suite, target=target, steps=steps, mode=mode, lam=lam, seed=seed)
+    cfg = _demo_config(config, objective, suite=suite, target=target, steps=steps, mode=mode, seed=seed)
     with RichReporter() as reporter:
         report = run_demo(cfg, out, fresh=fresh, reporter=reporter)
     _print_summary(report, f"trap2 demo: suite {report['suite']}, protected task {report['target']}", out)
 
 
-def _demo_config(config: Path | None, **overrides: Any) -> Any:
-    """DemoConfig from its defaults, the YAML ``config`` and the CLI ``overrides`` (None = not given)."""
+def _demo_config(config: Path | None, objective: dict[str, Any] | None = None, **overrides: Any) -> Any:
+    """DemoConfig from its defaults, the YAML ``config``, the objective options given and the other CLI
+    ``overrides`` (None = not given)."""
     from trap2.config import from_dict, load_yaml, to_dict
     from trap2.pipeline import DemoConfig
 
     raw = load_yaml(config) if config else {}
     base = to_dict(DemoConfig())
     base.update({k: v for k, v in raw.items() if k != "train"})
-    train_keys = ("steps", "mode", "lam", "seed")
+    train_keys = ("steps", "mode", "seed")
     train_cfg = _train_config(
-        {**base["train"], **raw.get("train", {})}, **{k: overrides.get(k) for k in train_keys}
+        {**base["train"], **raw.get("train", {})}, objective, **{k: overrides.get(k) for k in train_keys}
     )
     for k, v in overrides.items():
         if k not in train_keys and v is not None:

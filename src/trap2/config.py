@@ -2,6 +2,9 @@
 
 One config object drives YAML files, the CLI and the docs: each field carries its help text in
 ``metadata["help"]``; a bad value fails here, with a message that says what is valid.
+:class:`ObjectiveConfig` is the one definition of the objective's knobs: the CLI's options
+(``trap2.cli.objective_options``) and the Trainer's ``trap2_*`` arguments (``trap2.hf.trainer``) are
+generated from its fields, so a field added here reaches both.
 """
 
 from __future__ import annotations

@@ -56,10 +56,13 @@ def test_arguments_validate_and_parse(tmp_path):
     )
     assert parsed.objective_config("lora") == ObjectiveConfig(lam=0.02, weight="inv_sqrt")
     assert args(tmp_path, trap2_lambda=None).objective_config("full").lam == 5e-3  # the paper's default
-    with pytest.raises(
-        ConfigError, match="collateral"
-    ):  # the Trainer has no feature tap: not dropped silently
-        Trap2TrainingArguments.objective_arguments(ObjectiveConfig(collateral=0.3))
+    assert args(tmp_path, trap2_lambda=None).objective_config("lora").lam == 1e-3
+    # the extensions reach the Trainer (issue #20: law was dropped, collateral refused)
+    extended = ObjectiveConfig(lam=0.1, law="log", collateral=0.3)
+    kwargs = Trap2TrainingArguments.objective_arguments(extended)
+    assert args(tmp_path, **kwargs).objective_config("lora") == extended
+    with pytest.raises(ConfigError, match="collateral must be >= 0"):
+        args(tmp_path, trap2_collateral=-1.0)
 
 
 def test_plain_training_arguments_are_refused(tmp_path, digits):
@@ -68,29 +71,49 @@ def test_plain_training_arguments_are_refused(tmp_path, digits):
         Trap2Trainer(model=digits_model(digits, "lora"), args=plain)
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_step_gradient_equals_library_objective(tmp_path, digits, mode):
-    """One Trainer micro-step accumulates exactly the gradient of Trap2Objective on the same batch and s."""
-    model = digits_model(digits, mode)
+class Logits(torch.nn.Module):
+    """The built-in loop's view of a Trainer model: input tensor -> logits; ``backbone`` is what the
+    loop's feature tap reads (the module whose output the Trainer's collateral term uses)."""
+
+    def __init__(self, model: torch.nn.Module, backbone: torch.nn.Module, key: str) -> None:
+        super().__init__()
+        self.model, self.backbone, self.key = model, backbone, key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(**{self.key: x})["logits"]
+
+
+def step_gradients(tmp_path, model, batch, key, view, cfg, seed=3):
+    """Gradients of one Trainer micro-step on ``batch`` and of Trap2Objective.backward on the same batch
+    and scale; ``view(reference)`` is the reference's Logits."""
     reference = copy.deepcopy(model)
     trainer = Trap2Trainer(
-        model=model, args=args(tmp_path, seed=3), train_dataset=task_examples(digits.task("rot90"))
+        model=model,
+        args=args(tmp_path, seed=seed, **Trap2TrainingArguments.objective_arguments(cfg)),
+        train_dataset=[batch],
     )
-    batch = trainer.data_collator(task_examples(digits.task("rot90"))[:16])
+    assert trainer.trap2_config == cfg  # every knob reached the Trainer
+    logits_of = view(reference)
+    full = trainer.trap2_mode == "full"
+    scaled = ScaledModel(logits_of, trainer.trap2_mode, base_params(logits_of) if full else None)
+    if full:  # W ≠ W0 (both kept W0 already), else the collateral term has no gradient
+        torch.manual_seed(1)
+        ref = dict(reference.named_parameters())
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    step = 0.05 * torch.randn_like(p)
+                    p.add_(step)
+                    ref[n].add_(step)
     model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by train() in a real run
     trainer.training_step(model, batch)
 
     # the library's objective, with the scale the trainer draws for step 0
-    logits_of = torch.nn.Module()
-    logits_of.m = reference
-    logits_of.forward = lambda x: reference(pixel_values=x)["logits"]
-    scaled = ScaledModel(logits_of, mode, base_params(logits_of) if mode == "full" else None)
-    gen = torch.Generator().manual_seed(3 * 1_000_003)
+    gen = torch.Generator().manual_seed(seed * 1_000_003)
     reference.train()
-    get_objective(trainer.trap2_config).backward(
-        scaled, batch["pixel_values"], batch["labels"], F.cross_entropy, gen
-    )
+    stats = get_objective(cfg).backward(scaled, batch[key], batch["labels"], F.cross_entropy, gen)
+    assert stats.scales == trainer.trap2_scales(0)
 
     got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     want = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
@@ -98,6 +121,67 @@ def test_step_gradient_equals_library_objective(tmp_path, digits, mode):
     for n in got:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
     assert any(float(g.abs().sum()) > 0 for g in got.values())
+    return trainer, stats
+
+
+PAPER = ObjectiveConfig(lam=0.1)
+EXTENDED = ObjectiveConfig(lam=0.1, law="log", collateral=0.3, s_min=0.1, bound=20.0)
+
+
+@pytest.mark.parametrize("cfg", [PAPER, EXTENDED], ids=["paper", "log-collateral"])
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_step_gradient_equals_library_objective(tmp_path, digits, mode, cfg):
+    """One Trainer micro-step accumulates exactly the gradient of Trap2Objective on the same batch and s,
+    with the paper's objective and with its extensions (log-uniform s, the collateral term)."""
+    model = digits_model(digits, mode)
+    probe = Trap2Trainer(model=model, args=args(tmp_path), train_dataset=task_examples(digits.task("rot90")))
+    batch = probe.data_collator(task_examples(digits.task("rot90"))[:16])
+    trainer, stats = step_gradients(
+        tmp_path, model, batch, "pixel_values", lambda m: Logits(m, m.backbone, "pixel_values"), cfg
+    )
+    if cfg.collateral:
+        assert stats.disruption > 1e-4
+        assert trainer._trap2_metrics["trap2_disruption"] == [pytest.approx(stats.disruption, rel=1e-5)]
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_collateral_on_a_plain_transformers_model_uses_the_last_hidden_state(tmp_path, mode):
+    """A model without a ``backbone`` (BertForSequenceClassification): the collateral features are its
+    base model's last hidden state, and the gradient equals the built-in loop's with that tap."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=0.0,  # the two paths run one after the other: no shared dropout masks
+        attention_probs_dropout_prob=0.0,
+    )
+    model = BertForSequenceClassification(cfg)
+    if mode == "lora":
+        model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
+        )
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                torch.nn.init.normal_(m.lora_B["default"].weight, std=0.5)
+    else:
+        model.bert.requires_grad_(True)
+        model.classifier.requires_grad_(False)
+    batch = {"input_ids": torch.randint(0, 50, (8, 6)), "labels": torch.arange(8) % 3}
+
+    def view(m):
+        hf = m.get_base_model() if mode == "lora" else m
+        return Logits(m, hf.bert, "input_ids")
+
+    trainer, stats = step_gradients(tmp_path, model, batch, "input_ids", view, EXTENDED)
+    assert stats.disruption > 1e-4
+    assert trainer._trap2_metrics["trap2_disruption"] == [pytest.approx(stats.disruption, rel=1e-5)]
 
 
 def test_one_scale_per_optimizer_step_under_accumulation(tmp_path, digits):

@@ -11,6 +11,18 @@ J = L(W0+ΔW) − λ·w(s)·b(L(W0+s·ΔW)). Both passes see the same dropout ma
 (seed, optimizer step): one s per optimizer step across the micro-batches of gradient accumulation (as
 the paper's LLM code does), the same on every process, and the same after resuming.
 
+With ``trap2_collateral = μ > 0`` the off-nominal term also carries μ·(1 − cos) between the features at
+W0 + s·ΔW and at W0 (a third, gradient-free pass at s = 0 with the same dropout masks), as in the built-in
+loop. The features (:func:`feature_module`) are the output of the model's ``backbone`` when it has one
+(trap2's ``HeadedModel``: the head's input, as the loop reads it), else of a transformers model's
+headless base model (``model.base_model``, e.g. ``BertModel`` in ``BertForSequenceClassification``,
+``LlamaModel`` in ``LlamaForCausalLM``; a PEFT wrapper is looked through), whose first output is the last
+hidden state (B, L, D); the cosine is taken over the last dimension and averaged over the rest.
+
+Every ``ObjectiveConfig`` field is a ``trap2_<field>`` argument, generated from the config's fields
+with their help text (``name`` is ``trap2_objective`` and ``lam`` is ``trap2_lambda``, whose ``None``
+means the paper's per-mode default), so a knob added to the config reaches the Trainer by itself.
+
 The model is protected in one of two modes, found from the model itself:
 - ``lora``: the model holds PEFT LoRA layers; each layer's own ``scaling`` is multiplied by s.
 - ``full``: every trainable parameter is the update; W0 is copied once when the Trainer is built and
@@ -21,11 +33,14 @@ The model is protected in one of two modes, found from the model itself:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import types
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 from torch import nn
@@ -34,7 +49,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from trap2.config import ObjectiveConfig, to_dict
 from trap2.errors import ConfigError, TrainingError
 from trap2.objectives.base import same_random_draws
-from trap2.objectives.trap2 import bounded, sample_scales, scale_weight
+from trap2.objectives.trap2 import bounded, disruption, feature_tap, sample_scales, scale_weight
 from trap2.scaling import ScaledModel, base_params, lora_layers
 from trap2.training.loop import DIVERGENCE
 from trap2.updates import Update
@@ -43,16 +58,10 @@ log = logging.getLogger(__name__)
 
 TRAINER_OBJECTIVES = ("none", "trap2")
 DEFAULT_LAMBDA = {"lora": 1e-3, "full": 5e-3}  # the paper's values; λ depends on the loss scale
-# ObjectiveConfig field -> Trap2TrainingArguments argument
+_RENAMED = {"name": "trap2_objective", "lam": "trap2_lambda"}  # the names publishers already use
+# ObjectiveConfig field -> Trap2TrainingArguments argument, for every field of the config
 OBJECTIVE_ARGS = {
-    "name": "trap2_objective",
-    "lam": "trap2_lambda",
-    "s_min": "trap2_s_min",
-    "s_max": "trap2_s_max",
-    "delta": "trap2_delta",
-    "weight": "trap2_weight",
-    "n_samples": "trap2_n_samples",
-    "bound": "trap2_bound",
+    f.name: _RENAMED.get(f.name, f"trap2_{f.name}") for f in dataclasses.fields(ObjectiveConfig)
 }
 
 
@@ -60,26 +69,36 @@ def _help(text: str, default: Any) -> Any:
     return field(default=default, metadata={"help": text})
 
 
-@dataclass
-class Trap2TrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the Trap² settings (``HfArgumentParser`` exposes them as flags)."""
+def _objective_argument_fields() -> list[tuple[str, Any, Any]]:
+    """(argument, type, field) for every ObjectiveConfig field: its type, default and help text."""
+    hints = get_type_hints(ObjectiveConfig)
+    out = []
+    for f in dataclasses.fields(ObjectiveConfig):
+        tp, text = hints[f.name], f.metadata["help"]
+        default: Any = f.default
+        if f.name == "lam":  # None: the paper's value for the mode the model is trained in
+            tp, default = float | None, None
+            text += (
+                f"; None = the paper's {DEFAULT_LAMBDA['lora']:g} (LoRA) or {DEFAULT_LAMBDA['full']:g} (full)"
+            )
+        if default is dataclasses.MISSING:
+            spec = field(default_factory=f.default_factory, metadata={"help": text})
+        else:
+            spec = _help(text, default)
+        out.append((OBJECTIVE_ARGS[f.name], tp, spec))
+    return out
 
-    trap2_objective: str = _help("'trap2' (protected) or 'none' (plain fine-tuning, the baseline)", "trap2")
-    trap2_lambda: float | None = _help(
-        "λ, the weight of the off-nominal term; None = the paper's 1e-3 (LoRA) or 5e-3 (full). It depends "
-        "on the loss scale: raise it when the scaling curve does not collapse",
-        None,
-    )
-    trap2_s_min: float = _help("smallest sampled scale s (> 0)", 0.05)
-    trap2_s_max: float = _help("largest sampled scale s", 2.0)
-    trap2_delta: float = _help("half-width δ of the excluded band (1−δ, 1+δ) around s = 1", 0.05)
-    trap2_weight: str = _help("w(s): 'inv' = 1/s (vision), 'inv_sqrt' = 1/√s (LLM), 'none' = 1", "inv")
-    trap2_n_samples: int = _help("scales s drawn per optimizer step (the paper uses 1)", 1)
-    trap2_bound: float | None = _help(
-        "optional soft cap τ on the off-nominal loss, τ·tanh(L/τ), applied to the micro-batch loss as the "
-        "model returns it; None = no cap",
-        None,
-    )
+
+_ObjectiveArguments = dataclasses.make_dataclass("_ObjectiveArguments", _objective_argument_fields())
+_ObjectiveArguments.__module__ = __name__
+_ObjectiveArguments.__doc__ = "The ``trap2_*`` arguments, one per ObjectiveConfig field (generated)."
+
+
+@dataclass
+class Trap2TrainingArguments(_ObjectiveArguments, TrainingArguments):
+    """``TrainingArguments`` plus the Trap² settings (``HfArgumentParser`` exposes them as flags): one
+    ``trap2_<field>`` per :class:`ObjectiveConfig` field (see :data:`OBJECTIVE_ARGS`), and the two below."""
+
     trap2_seed: int | None = _help("seed of the sampled scales; None = the run's seed", None)
     trap2_max_nonfinite_in_row: int = _help(
         "non-finite steps (skipped, no update) tolerated in a row before training stops", 20
@@ -98,7 +117,7 @@ class Trap2TrainingArguments(TrainingArguments):
 
     def objective_config(self, mode: str) -> ObjectiveConfig:
         """The settings as the library's validated :class:`ObjectiveConfig` for ``mode``."""
-        values = {field: getattr(self, arg) for field, arg in OBJECTIVE_ARGS.items()}
+        values = {name: getattr(self, arg) for name, arg in OBJECTIVE_ARGS.items()}
         if values["lam"] is None:
             values["lam"] = DEFAULT_LAMBDA[mode]
         return ObjectiveConfig(**values)
@@ -106,11 +125,20 @@ class Trap2TrainingArguments(TrainingArguments):
     @staticmethod
     def objective_arguments(cfg: ObjectiveConfig) -> dict[str, Any]:
         """The ``trap2_*`` keyword arguments that reproduce ``cfg``."""
-        if cfg.collateral:
-            raise ConfigError(
-                "objective.collateral is not offered by the Trainer path; train with the built-in loop"
-            )
-        return {arg: getattr(cfg, field) for field, arg in OBJECTIVE_ARGS.items()}
+        return {arg: getattr(cfg, name) for name, arg in OBJECTIVE_ARGS.items()}
+
+
+def feature_module(model: nn.Module) -> nn.Module:
+    """The module whose output the collateral term compares (see the module docstring): the model's
+    ``backbone``, else a transformers model's headless ``base_model`` (through a PEFT wrapper), else the
+    model itself."""
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module):
+        return backbone
+    if hasattr(model, "get_base_model"):  # PeftModel -> the transformers model it adapts
+        model = model.get_base_model()
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) else model
 
 
 class _NonFiniteGuard(TrainerCallback):
@@ -140,6 +168,7 @@ class Trap2Mixin:
         # the library's scaled model: LoRA checks and scaling, or full fine-tuning's per-layer scaler
         self._trap2_scaled = ScaledModel(model, self.trap2_mode, w0)
         self.trap2_config = targs.objective_config(self.trap2_mode)
+        self._trap2_features = feature_module(model)  # read only with trap2_collateral > 0
         self._trap2_seed = targs.seed if targs.trap2_seed is None else targs.trap2_seed
         self._trap2_metrics: dict[str, list[float]] = defaultdict(list)
         self.trap2_skipped_steps = 0
@@ -174,12 +203,27 @@ class Trap2Mixin:
             )
         scales = self.trap2_scales()
         off_sum = 0.0
-        offs = []
-        with same_random_draws(self.args.device) as replay:
+        offs, disrupted = [], []
+        # feature_tap reads `.model`: point it at the module whose output is the features
+        features = types.SimpleNamespace(model=self._trap2_features)
+        tap = feature_tap(features) if cfg.collateral else contextlib.nullcontext()
+        with same_random_draws(self.args.device) as replay, tap as seen:
+            if cfg.collateral:  # the features at W0 (s = 0), no gradient
+                with torch.no_grad(), self.trap2_scaled(model, 0.0):
+                    super().compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+                base = seen[-1].detach()
+                seen.clear()
+                replay()
             for s in scales:
                 with self.trap2_scaled(model, s):
                     off = super().compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
-                    term = -(cfg.lam * scale_weight(cfg.weight, s) / len(scales)) * bounded(off, cfg.bound)
+                    trap = bounded(off, cfg.bound)
+                    if cfg.collateral:
+                        d = disruption(seen[-1], base)
+                        trap = trap + cfg.collateral * d
+                        disrupted.append(float(d.detach()))
+                        seen.clear()
+                    term = -(cfg.lam * scale_weight(cfg.weight, s) / len(scales)) * trap
                     self._trap2_backward(term, num_items_in_batch)
                 off_sum = off_sum + term.detach()
                 offs.append(float(off.detach()))
@@ -191,6 +235,8 @@ class Trap2Mixin:
         m["trap2_nominal_loss"].append(float(loss.detach()))
         m["trap2_off_nominal_loss"].append(sum(offs) / len(offs))
         m["trap2_scale"].append(sum(scales) / len(scales))
+        if disrupted:
+            m["trap2_disruption"].append(sum(disrupted) / len(disrupted))
         if max(offs) > DIVERGENCE and not self._trap2_diverged:
             self._trap2_diverged = True
             log.warning(
