@@ -2,10 +2,12 @@ import math
 
 import pytest
 import torch
+from attack_checks import reevaluated
 from torch import nn
 
 from trap2.attacks import PAPER_GRID, EvalContext, run_attack, search_coefficient
-from trap2.merging import get_merge_method, merge_updates
+from trap2.errors import ConfigError
+from trap2.merging import get_merge_method
 from trap2.suites.base import Split, Suite, Task
 from trap2.updates import Update
 
@@ -56,17 +58,6 @@ def unit(k: int, d: int = 3) -> torch.Tensor:
     return e
 
 
-def reevaluated(ctx: EvalContext, pool, rec) -> float:
-    """The validation score of the setting a record reports, recomputed from scratch: one merge at the
-    reported hyperparameters (member weights when the search reweights members), one evaluation."""
-    hp = rec["hparams"]
-    if rec["search"] in ("global", "untrap"):
-        merged = merge_updates(pool, rec["method"], rec["space"], **hp).dense()
-        return ctx.val_score(ctx.params(merged, rec["coefficient"]))
-    merged = merge_updates(pool, rec["method"], rec["space"], weights=rec["coefficients"], **hp).dense()
-    return ctx.val_score(ctx.params(merged))
-
-
 def test_cart_kernel_is_the_mean_plus_beta_times_the_rank_reduced_residuals():
     """Choi et al. 2024: τ = mean_t τ_t + β Σ_t SVD_r(τ_t − mean), r = ⌈ρ·min(m, n)⌉; vectors: the mean."""
     cart = get_merge_method("cart")
@@ -111,3 +102,58 @@ def test_hparam_search_walks_cart_beta_to_a_strictly_better_value():
     assert tuned["hparams"]["beta"] == 0.5  # the first grid value that gets every input right
     assert tuned["val_score"] == 1.0 > default["val_score"]
     assert tuned["val_score"] == reevaluated(ctx, pool, tuned)
+
+
+def hurting_pool() -> list[Update]:
+    """e_k e_kᵀ for k = 0, 1, 2 and, first, a member that maps every input to class 0 (row 0 = 2): at any
+    common coefficient only e_0 is right; without the first member every input is."""
+    bad = torch.zeros(3, 3)
+    bad[0] = 2.0
+    return [Update({"weight": bad}, {"task": "t"})] + [Update({"weight": unit(k)}, {"task": "t"}) for k in range(3)]
+
+
+@pytest.mark.parametrize(("method", "hparams"), [("ta", {}), ("ties", {"k": 100.0})])
+def test_per_task_weights_move_off_a_member_that_only_hurts(method, hparams):
+    ctx = EvalContext(linear_suite(), {"t": 1.0})
+    pool = hurting_pool()
+    g = run_attack(ctx, pool, method, "full", "global", hparams=hparams)
+    assert g["val_score"] == pytest.approx(1 / 3)
+    p = run_attack(ctx, pool, method, "full", "per_task", hparams=hparams)
+    assert p["val_score"] == 1.0 > g["val_score"]
+    assert p["coefficients"][0] == 0.0 < min(p["coefficients"][1:])
+    assert p["val_score"] == reevaluated(ctx, pool, p)
+    assert p["acc"]["t"] == 1.0  # test split = val split here: the same merge scores the same
+
+
+def test_records_report_the_setting_they_score():
+    """Every search's val_score is the score of its reported coefficients and hyperparameters."""
+    ctx = EvalContext(linear_suite(), {"t": 1.0})
+    pool = hurting_pool()
+    for method, search in [("ta", "global"), ("ties", "global"), ("ties", "pinned"), ("dare_ties", "per_task")]:
+        rec = run_attack(ctx, pool, method, "full", search, protected_index=1, hparam_search=True)
+        assert rec["val_score"] == reevaluated(ctx, pool, rec), (method, search)
+
+
+def test_searches_come_from_one_registry():
+    from trap2.attacks import SEARCH_REGISTRY, SEARCHES, TA_SEARCHES
+
+    assert SEARCHES[0] == "global" and set(SEARCHES) == set(SEARCH_REGISTRY.names())
+    assert SEARCHES[1:5] == ("per_task", "pinned", "restore", "untrap")  # registration order, not sorted
+    assert TA_SEARCHES == ("per_task", "pinned", "prodistill")  # the searches flagged ``reweights``
+    with pytest.raises(ValueError, match="already registered"):
+        from trap2.attacks.searches import search
+
+        search("global", summary="again")(lambda cell, best: None)
+    ctx = EvalContext(linear_suite(), {"t": 1.0})
+    with pytest.raises(ConfigError, match="unknown search 'greedy'"):
+        run_attack(ctx, hurting_pool(), "ta", "full", "greedy")
+
+
+def test_eval_context_needs_every_normaliser_and_takes_a_device():
+    with pytest.raises(ConfigError, match="no normaliser for task 't'"):
+        EvalContext(linear_suite(), {})
+    pool = hurting_pool()
+    default = run_attack(EvalContext(linear_suite(), {"t": 1.0}), pool, "ties", "full", "per_task")
+    cpu = run_attack(EvalContext(linear_suite(), {"t": 1.0}, device="cpu"), pool, "ties", "full", "per_task")
+    assert cpu == default
+    assert EvalContext(linear_suite(), {"t": 1.0}, device="cpu").w0["weight"].device.type == "cpu"
