@@ -157,3 +157,13 @@ def test_eval_context_needs_every_normaliser_and_takes_a_device():
     cpu = run_attack(EvalContext(linear_suite(), {"t": 1.0}, device="cpu"), pool, "ties", "full", "per_task")
     assert cpu == default
     assert EvalContext(linear_suite(), {"t": 1.0}, device="cpu").w0["weight"].device.type == "cpu"
+
+
+def test_heads_are_copied_to_another_device_never_moved_in_place():
+    from trap2.eval.evaluate import on_device
+    from trap2.suites.base import CosineHead
+
+    head = CosineHead(torch.randn(3, 4), 10.0)
+    assert on_device(head, torch.device("cpu")) is head
+    moved = on_device(head, torch.device("meta"))
+    assert moved.prototypes.device.type == "meta" and head.prototypes.device.type == "cpu"

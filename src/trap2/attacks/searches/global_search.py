@@ -55,7 +55,7 @@ def global_optimum(
         tuple(sorted(hp0.items())),
         cell.grid,
     )
-    merged_now: dict[str, dict[str, torch.Tensor]] = {}
+    fresh: list[dict[str, torch.Tensor]] = []  # the merge at the optimum, when found in this call
 
     def compute() -> tuple[float, float, dict[str, Any], int]:
         n0 = ctx.evaluations
@@ -70,13 +70,13 @@ def global_optimum(
                     c2, s2, merged2 = _coefficient_search(cell, trial)
                     if s2 > score:
                         c, score, merged, hp = c2, s2, merged2, trial
-        merged_now["merged"] = merged
+        fresh.append(merged)
         return c, score, hp, ctx.evaluations - n0
 
     c, score, hp, n = ctx.cached(key, compute)
-    # remembered optima keep only (c, score, hp): the merge is redone rather than held in memory
-    merged = merged_now.get("merged")
-    return GlobalOptimum(c, score, merged if merged is not None else merged_at(cell, hp), dict(hp), n)
+    # a remembered optimum keeps (c, score, hp, cost) only: its merge is redone, not held in memory
+    merged = fresh[0] if fresh else merged_at(cell, hp)
+    return GlobalOptimum(c, score, merged, dict(hp), n)
 
 
 @search("global", summary="one coefficient c for the whole merge: W0 + c·merge(ΔW_1..ΔW_T)")
