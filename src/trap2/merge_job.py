@@ -20,7 +20,7 @@ import torch
 from trap2.attacks.merge_attack import EvalContext
 from trap2.attacks.search import search_coefficient
 from trap2.errors import ConfigError, UpdateFileError
-from trap2.eval.evaluate import accuracy, base_state
+from trap2.eval.evaluate import base_state
 from trap2.io import atomic_dir, load_tensors, save_tensors
 from trap2.merging import merge_updates, scale_delta
 from trap2.suites import SUITES, get_suite
@@ -123,11 +123,8 @@ def merge_files(
     search = None
     if search_suite is not None:
         suite = get_suite(search_suite)
-        ctx = EvalContext(suite, {}, tasks=list(dict.fromkeys(tasks)))
-        ctx.normalisers = {
-            t: accuracy(ctx.backbone, suite.task(t), "val", ctx.params(u.dense()))
-            for t, u in zip(tasks, updates, strict=True)
-        }
+        own = dict(zip(tasks, updates, strict=True))  # each task's normaliser: its own update's val acc
+        ctx = EvalContext.normalised_by(suite, own, tasks=list(own))
         dense = merged.dense()
         found = search_coefficient(lambda c: ctx.val_score(ctx.params(dense, c)))
         coefficient = found.coefficient

@@ -202,7 +202,7 @@ def evaluate_protection(
     curve_plain = scaling_curve(backbone, suite.task(target), dense[target], cfg.scales)
     curve_prot = scaling_curve(backbone, suite.task(target), prot_dense, cfg.scales)
 
-    ctx = EvalContext(suite, ft_val)
+    ctx = EvalContext(suite, ft_val, device=cfg.train.device)
     pools = {
         False: [updates[t] for t in tasks],
         True: [protected if t == target else updates[t] for t in tasks],

@@ -10,6 +10,7 @@ from trap2.attacks.merge_attack import (
     run_attack,
 )
 from trap2.attacks.search import PAPER_GRID, SearchResult, search_coefficient
+from trap2.attacks.searches import SEARCH_REGISTRY, GlobalOptimum
 
 __all__ = [
     "DATA_METHODS",
@@ -17,6 +18,8 @@ __all__ = [
     "SEARCHES",
     "TA_SEARCHES",
     "EvalContext",
+    "GlobalOptimum",
+    "SEARCH_REGISTRY",
     "SearchResult",
     "attack_matrix",
     "restore_member",

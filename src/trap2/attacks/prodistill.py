@@ -59,19 +59,21 @@ def distill_coefficients(
     missing = [n for n in names if n not in w0]
     if missing:
         raise ConfigError(f"prodistill: {missing[0]!r} is not a parameter of the backbone")
+    device = w0[names[0]].device  # everything runs where W0 lives
+    inputs = [x.to(device) for x in inputs]
     with torch.no_grad():
         teachers = []
         for d, x in zip(deltas, inputs, strict=True):
-            t = _features(backbone, {n: w0[n] + v.to(w0[n].dtype) for n, v in d.items()}, x)
+            t = _features(backbone, {n: w0[n] + v.to(w0[n]) for n, v in d.items()}, x)
             teachers.append((t, t.pow(2).mean().clamp_min(1e-12)))
     zero = {n: torch.zeros_like(w0[n]) for n in names}
-    stacked = {n: torch.stack([d.get(n, zero[n]).to(w0[n].dtype) for d in deltas]) for n in names}
-    coef = torch.full((len(deltas), len(names)), float(init), requires_grad=True)
+    stacked = {n: torch.stack([d.get(n, zero[n]).to(w0[n]) for d in deltas]) for n in names}  # (T, ...)
+    coef = torch.full((len(deltas), len(names)), float(init), device=device, requires_grad=True)
     opt = torch.optim.Adam([coef], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []
     for _ in range(steps):
-        picks = [torch.randperm(len(x), generator=gen)[:batch] for x in inputs]
+        picks = [torch.randperm(len(x), generator=gen)[:batch].to(device) for x in inputs]
         opt.zero_grad(set_to_none=True)
         params = {
             n: w0[n] + torch.tensordot(coef[:, j].to(w0[n].dtype), stacked[n], dims=1)
@@ -84,7 +86,7 @@ def distill_coefficients(
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
-    return coef.detach(), names, history
+    return coef.detach().cpu(), names, history
 
 
 def merged_delta(

@@ -35,20 +35,29 @@ def recover(
     (trained weights − W0) over the same tensors. ``lr``: default the suite's full fine-tuning lr."""
     if k < 1 or steps < 0:
         raise ValueError(f"recover: k={k} must be ≥ 1 and steps={steps} ≥ 0")
-    backbone = backbone if backbone is not None else suite.make_backbone().eval()
+    device = next(iter(w0.values())).device  # everything runs where W0 lives
+    backbone = backbone if backbone is not None else suite.make_backbone().eval().to(device)
     lr = float(lr if lr is not None else suite.recipes.get("full", {}).get("lr", 1e-3))
     gen = torch.Generator().manual_seed(seed)
-    data = [(suite.task(t), suite.task(t).train.x[:k], suite.task(t).train.y[:k]) for t in tasks]
-    weights = {n: (w0[n] + d.to(w0[n].dtype)).clone().requires_grad_(True) for n, d in delta.items()}
+    data = [
+        (
+            suite.task(t).head_on(device),
+            suite.task(t).loss,
+            suite.task(t).train.x[:k].to(device),
+            suite.task(t).train.y[:k],
+        )
+        for t in tasks
+    ]
+    weights = {n: (w0[n] + d.to(w0[n])).clone().requires_grad_(True) for n, d in delta.items()}
     opt = torch.optim.AdamW(list(weights.values()), lr=lr, weight_decay=0.0)
     batch = min(k, BATCH)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss = torch.zeros(())
-        for task, x, y in data:
+        loss = torch.zeros((), device=device)
+        for head, loss_fn, x, y in data:
             idx = torch.randperm(len(y), generator=gen)[:batch]
-            feats = functional_call(backbone, weights, (x[idx],), strict=False)
-            loss = loss + task.loss(task.head(feats), y[idx])
+            feats = functional_call(backbone, weights, (x[idx.to(device)],), strict=False)
+            loss = loss + loss_fn(head(feats), y[idx].to(device))
         (loss / len(data)).backward()
         torch.nn.utils.clip_grad_norm_(list(weights.values()), 1.0)
         opt.step()

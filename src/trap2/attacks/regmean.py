@@ -33,14 +33,15 @@ def regmean_weight(
         raise ConfigError(f"regmean: alpha={alpha} must lie in [0, 1]")
     if len(weights) != len(grams) or not weights:
         raise ConfigError("regmean: one Gram matrix per member weight is needed")
+    device = grams[0].device
     total = torch.zeros_like(grams[0], dtype=torch.float64)
-    rhs = torch.zeros(weights[0].shape[1], weights[0].shape[0], dtype=torch.float64)
+    rhs = torch.zeros(weights[0].shape[1], weights[0].shape[0], dtype=torch.float64, device=device)
     for w, g in zip(weights, grams, strict=True):
         g = g.double()
         g = alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
         total += g
-        rhs += g @ w.double().T
-    eye = torch.eye(total.shape[0], dtype=torch.float64)
+        rhs += g @ w.to(device, torch.float64).T
+    eye = torch.eye(total.shape[0], dtype=torch.float64, device=device)
     ridge = 1e-8 * float(torch.diagonal(total).mean().clamp_min(1e-12))
     return torch.linalg.solve(total + ridge * eye, rhs).T.to(weights[0].dtype)
 
@@ -94,15 +95,19 @@ def regmean_delta(
     if len(deltas) != len(inputs):
         raise ConfigError("regmean: one batch of inputs per member is needed")
     names = set().union(*(d.keys() for d in deltas))
-    grams = [input_grams(backbone, apply_delta(w0, d), x, names) for d, x in zip(deltas, inputs, strict=True)]
+    device = next(iter(w0.values())).device  # everything runs where W0 lives
+    grams = [
+        input_grams(backbone, apply_delta(w0, d), x.to(device), names)
+        for d, x in zip(deltas, inputs, strict=True)
+    ]
     merged: dict[str, torch.Tensor] = {}
     for n in names:
-        members = [d.get(n, torch.zeros_like(w0[n])) for d in deltas]
+        members = [d[n].to(w0[n]) if n in d else torch.zeros_like(w0[n]) for d in deltas]
         if all(n in g for g in grams) and members[0].dim() in (2, 4):
             shape = members[0].shape
             ws = [(w0[n] + m).reshape(shape[0], -1) for m in members]
             new = regmean_weight(ws, [g[n] for g in grams], alpha).reshape(shape)
-            merged[n] = new - w0[n]
+            merged[n] = (new - w0[n]).cpu()
         else:
-            merged[n] = sum(members) / len(members)
+            merged[n] = (sum(members) / len(members)).cpu()
     return merged

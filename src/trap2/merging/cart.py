@@ -1,6 +1,11 @@
 """CART (Choi et al., "Revisiting Weight Averaging for Model Merging", 2024): the mean of the task
-deltas plus β times the sum of each task's rank-⌈ρ·min(m, n)⌉ residual from that mean.
-Non-matrix tensors are averaged.
+deltas plus β times the sum of each task's rank-⌈ρ·min(m, n)⌉ residual from that mean,
+
+    τ = τ̄ + β Σ_t SVD_r(τ_t − τ̄),   τ̄ = mean_t τ_t.
+
+The paper keeps τ̄ at weight 1 and picks β (its λ, "prior" in the public code: 2.0 for ViT-B/32 × 8)
+on validation; the attack scans c·τ on top, so with β searched over its grid the attacker's family
+contains the paper's (c = 1). Non-matrix tensors are averaged (their residuals sum to zero).
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ def low_rank(m: torch.Tensor, rank: int) -> torch.Tensor:
         ),
         "beta": HParam(
             0.1,
-            "weight β of the residual sum (0.1 in the public code)",
+            "weight β of the residual sum (the paper's λ, searched on validation)",
             lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
             "a finite number >= 0",
+            grid=(0.1, 0.2, 0.5, 1.0, 1.5, 2.0),
         ),
     },
 )
