@@ -96,12 +96,16 @@ def test_hparam_search_walks_cart_beta_to_a_strictly_better_value():
     j = torch.zeros(3, 3)
     j[0] = 0.55
     pool = [Update({"weight": unit(k) + j}, {"task": "t"}) for k in range(3)]
-    default = run_attack(ctx, pool, "cart", "full", "global")
-    assert default["hparams"]["beta"] == 0.1 and default["val_score"] == pytest.approx(1 / 3)
-    tuned = run_attack(ctx, pool, "cart", "full", "global", hparam_search=True)
-    assert tuned["hparams"]["beta"] == 0.5  # the first grid value that gets every input right
-    assert tuned["val_score"] == 1.0 > default["val_score"]
-    assert tuned["val_score"] == reevaluated(ctx, pool, tuned)
+    pinned = run_attack(ctx, pool, "cart", "full", "global", hparams={"beta": 0.1})  # β fixed by the caller
+    assert pinned["hparams"]["beta"] == 0.1 and pinned["val_score"] == pytest.approx(1 / 3)
+    for tuned in (
+        run_attack(ctx, pool, "cart", "full", "global"),  # β is CART's own weight: always searched
+        run_attack(ctx, pool, "cart", "full", "global", hparam_search=True),
+        run_attack(ctx, pool, "cart", "full", "global", hparams={"beta": 0.1}, hparam_search=True),
+    ):
+        assert tuned["hparams"]["beta"] == 0.5  # the first grid value that gets every input right
+        assert tuned["val_score"] == 1.0 > pinned["val_score"]
+        assert tuned["val_score"] == reevaluated(ctx, pool, tuned)
 
 
 def hurting_pool() -> list[Update]:

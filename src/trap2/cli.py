@@ -410,7 +410,7 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
     for name in METHODS:
         m = METHODS.get(name)
         hp = {
-            k: {"default": h.default, "valid": h.valid, "help": h.help, "grid": list(h.grid)}
+            k: {"default": h.default, "valid": h.valid, "help": h.help, "grid": list(h.grid), "searched": h.searched}
             for k, h in m.hparams.items()
             if k not in INTERNAL_HPARAMS
         }
@@ -421,7 +421,8 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
     for r in rows:
         typer.echo(f"{r['name']:10} {r['summary']}  [{r['reference']}]")
         for k, h in r["hparams"].items():
-            typer.echo(f"           {k} = {h['default']!r} ({h['valid']}): {h['help']}")
+            walked = "; every attack searches " + str(h["grid"]) if h["searched"] else ""
+            typer.echo(f"           {k} = {h['default']!r} ({h['valid']}): {h['help']}{walked}")
     typer.echo("spaces (any method in any space): full = dense ΔW; knots = SVD of the column-stacked deltas;")
     typer.echo("  core = LoRA only, bases of the stacked A's and B's")
 

@@ -36,10 +36,11 @@ def low_rank(m: torch.Tensor, rank: int) -> torch.Tensor:
         ),
         "beta": HParam(
             0.1,
-            "weight β of the residual sum (the paper's λ, searched on validation)",
+            "weight β of the residual sum (the paper's λ; every attack searches it on validation)",
             lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
             "a finite number >= 0",
             grid=(0.1, 0.2, 0.5, 1.0, 1.5, 2.0),
+            searched=True,
         ),
     },
 )

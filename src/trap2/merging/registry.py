@@ -26,6 +26,9 @@ class HParam:
     check: Callable[[Any], bool] = lambda v: True
     valid: str = "any value"  # what ``check`` accepts, for the error message
     grid: tuple[Any, ...] = ()  # the values a search tries (paper protocol)
+    # a merge weight of the method's own (CART's β): the attacker's global search always walks its grid,
+    # as the method's paper tunes it, not only under ``hparam_search``; a value given explicitly is kept
+    searched: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """``global``: W0 + c·merge(ΔW_1..ΔW_T), c over the paper's grid (early stop 10); with ``hparam_search``
 the method's own hyperparameters are then searched coordinate-wise over their grids (each value: one
-merge, then the coefficient search again). Every other search starts from this optimum.
+merge, then the coefficient search again). A hyperparameter marked ``searched`` (CART's β, a merge
+weight its paper tunes) is walked always, unless the caller fixes it. Every other search starts from this optimum.
 
 The merged delta is computed once per hyperparameter setting; each coefficient point is one evaluation
 (no re-merge, no model copy). The optimum is remembered per pool content and cell.
@@ -41,13 +42,21 @@ def global_optimum(
     cell: Cell, hparams: Mapping[str, Any] | None = None, hparam_search: bool = False
 ) -> GlobalOptimum:
     """The best W0 + c·merge on validation, at ``hparams`` (defaults filled in) or, with
-    ``hparam_search``, at the best setting a coordinate-wise walk over the method's grids finds."""
+    ``hparam_search``, at the best setting a coordinate-wise walk over the method's grids finds; the
+    ``searched`` hyperparameters not given in ``hparams`` are walked in either case."""
     ctx = cell.ctx
     m = None if cell.method in DATA_METHODS else get_merge_method(cell.method)
     resolved = {} if m is None else m.resolve(**(hparams or {}))
     hp0 = {k: v for k, v in resolved.items() if k not in INTERNAL_HPARAMS}
+    given = set(hparams or {})
+    walk = (
+        []
+        if m is None
+        else [n for n, spec in m.hparams.items() if hparam_search or (spec.searched and n not in given)]
+    )
     key = (
         "global",
+        tuple(walk),
         tuple(update_key(u) for u in cell.pool),
         cell.method,
         cell.space,
@@ -61,9 +70,9 @@ def global_optimum(
         n0 = ctx.evaluations
         c, score, merged = _coefficient_search(cell, hp0)
         hp = hp0
-        if hparam_search and m is not None:
-            for name, spec in m.hparams.items():
-                for value in spec.grid:
+        if m is not None:
+            for name in walk:
+                for value in m.hparams[name].grid:
                     if value == hp[name]:
                         continue
                     trial = {**hp, name: value}
