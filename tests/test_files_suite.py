@@ -251,6 +251,39 @@ def test_peft_adapter_on_the_sequence_classifier_applies_to_the_backbone(bert_cl
     assert suite.info["tasks"]["t"]["adapter"] == str(tmp_path / "ad")
 
 
+def test_a_decoder_sequence_classifier_whose_child_is_named_model(tmp_path):
+    """LlamaForSequenceClassification holds ``model`` and ``score``: the names stay, PEFT and trap2's
+    own LoRA training reach the layers, and the logits are the HF model's."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from trap2.config import LoraSettings, ObjectiveConfig, TrainConfig
+    from trap2.training.loop import train_update
+
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(6)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "llama-cls")
+    tiny_tokenizer(tmp_path / "llama-cls")
+    data = write_jsonl(tmp_path / "d.jsonl", sentences(6))
+    suite = files_suite(tmp_path / "llama-cls", [TaskFiles("t", data)], max_len=MAX_LEN)
+    hf = LlamaForSequenceClassification.from_pretrained(tmp_path / "llama-cls").eval()
+    backbone = suite.make_backbone()
+    assert [n for n, _ in backbone.named_parameters()] == [n for n, _ in hf.named_parameters()]
+    assert suite.info["kind"] == "text-head" and isinstance(suite.task("t").head, Logits)
+    x = suite.task("t").test.x
+    with torch.no_grad():
+        assert torch.allclose(backbone(x), hf(input_ids=x[:, 0], attention_mask=x[:, 1]).logits, atol=1e-5)
+    train_cfg = TrainConfig(
+        steps=2, batch_size=4, eval_every=2, warmup_steps=0, lora=LoraSettings(r=2, alpha=2),
+        objective=ObjectiveConfig(name="none"),
+    )  # fmt: skip
+    update = train_update(suite, "t", train_cfg).update
+    assert update.deltas and set(update.deltas) <= set(base_state(backbone))
+    assert all(n.startswith("model.layers.") for n in update.deltas)
+
+
 # --- a plain text encoder with prototype heads -----------------------------------------------------
 
 
@@ -468,6 +501,25 @@ def test_clip_vision_model_from_a_datasets_image_folder(tmp_path):
     assert set(suite.lora_targets) >= {"q_proj", "v_proj"}
     hf = CLIPVisionModel.from_pretrained(tmp_path / "clipv")
     assert [n for n, _ in suite.make_backbone().named_parameters()] == [n for n, _ in hf.named_parameters()]
+
+
+def test_a_whole_clip_folder_uses_its_vision_tower_and_projection(tmp_path, images):
+    from tiny_models import tiny_clip
+    from transformers import CLIPModel
+
+    folder = tiny_clip(tmp_path / "clip", image_size=16)
+    suite = files_suite(folder, [TaskFiles("colours", images)])
+    task = suite.task("colours")
+    assert suite.info["kind"] == "image" and task.train.x.shape[1:] == (3, 16, 16)
+    clip = CLIPModel.from_pretrained(folder).eval()
+    backbone = suite.make_backbone()
+    names = {n for n, _ in backbone.named_parameters()}
+    assert names == {
+        n for n, _ in clip.named_parameters() if n.startswith(("vision_model.", "visual_projection."))
+    }
+    with torch.no_grad():
+        want = clip.visual_projection(clip.vision_model(pixel_values=task.val.x).pooler_output)
+        assert torch.allclose(backbone(task.val.x), want, atol=1e-5)
 
 
 # --- causal LMs go to Part B's suite -----------------------------------------------------------------

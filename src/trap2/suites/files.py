@@ -92,10 +92,15 @@ def _load_model(base: Path, kind: str, config: Any) -> nn.Module:
         "text": tf.AutoModel,
         "image": tf.CLIPVisionModelWithProjection if config.model_type == "clip" else tf.AutoModel,
     }
+    kwargs = {}
+    if config.model_type == "clip":  # a whole CLIP: its vision tower and projection, at CLIP's width
+        vision = copy.deepcopy(config.vision_config)
+        vision.projection_dim = config.projection_dim
+        kwargs["config"] = vision
     restore = _quiet_transformers()  # the load report (e.g. an unused pooler) is not news here
     try:
-        model = loaders[kind].from_pretrained(base)
-    except (OSError, ValueError, KeyError) as e:
+        model = loaders[kind].from_pretrained(base, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise DataError(f"{base}: the model does not load as {kind} ({str(e).splitlines()[0]})") from None
     finally:
         restore()
@@ -105,37 +110,41 @@ def _load_model(base: Path, kind: str, config: Any) -> nn.Module:
 class HFBackbone(nn.Module):
     """A transformers model as a suite backbone: one input tensor in, logits or features out.
 
-    The model's children are this module's own children (the model itself is kept unregistered), so
-    ``named_parameters()`` are the model's own parameter names and ``functional_call``, PEFT and
-    ``deepcopy`` act on the model's modules. Inputs run in chunks of ``batch_size``.
+    The model's children are this module's own children (the model itself is kept unregistered, as
+    ``hf_model``), so ``named_parameters()`` are the model's own parameter names and ``functional_call``,
+    PEFT and ``deepcopy`` act on the model's modules. Inputs run in chunks of ``batch_size``.
     """
 
     def __init__(self, model: nn.Module, modality: str, logits: bool, batch_size: int = 64) -> None:
         super().__init__()
         if any(True for _ in model.named_parameters(recurse=False)):
             raise ConfigError(f"{type(model).__name__} has parameters of its own outside its submodules")
+        if hasattr(model, "hf_model"):
+            raise ConfigError(
+                f"{type(model).__name__} has a submodule named 'hf_model', which HFBackbone uses"
+            )
         for name, child in model.named_children():
             self.add_module(name, child)
-        object.__setattr__(self, "model", model)  # not registered: its children are ours
+        object.__setattr__(self, "hf_model", model)  # not registered: its children are ours
         self.config = model.config
-        self.modality = modality
-        self.logits = logits
-        self.batch_size = int(batch_size)
+        self._modality = modality
+        self._logits = logits
+        self._chunk = int(batch_size)
 
     def train(self, mode: bool = True) -> HFBackbone:
         super().train(mode)
-        self.model.training = mode
+        self.hf_model.training = mode
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.batch_size:
+        if x.shape[0] <= self._chunk:
             return self._forward(x)
-        return torch.cat([self._forward(c) for c in x.split(self.batch_size)])
+        return torch.cat([self._forward(c) for c in x.split(self._chunk)])
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.modality == "image":
-            out = self.model(pixel_values=x)
-            if self.logits:
+        if self._modality == "image":
+            out = self.hf_model(pixel_values=x)
+            if self._logits:
                 return out.logits
             for field in ("image_embeds", "pooler_output"):
                 feats = getattr(out, field, None)
@@ -151,8 +160,8 @@ class HFBackbone(nn.Module):
         inputs = {"input_ids": x[:, 0], "attention_mask": x[:, 1]}
         if x.shape[1] == 3:
             inputs["token_type_ids"] = x[:, 2]
-        out = self.model(**inputs)
-        if self.logits:
+        out = self.hf_model(**inputs)
+        if self._logits:
             return out.logits
         hidden = out.last_hidden_state  # (B, L, d): masked mean, the sentence embedding
         m = x[:, 1].unsqueeze(-1).to(hidden.dtype)
@@ -311,6 +320,9 @@ def files_suite(
     num_labels = int(config.num_labels) if own_head else None
     label2id = dict(getattr(config, "label2id", None) or {}) if own_head else None
 
+    from trap2.training.loop import resolve_device
+
+    device = str(resolve_device(device))
     feature_model = template.to(device) if device != "cpu" else template
     built: dict[str, Task] = {}
     info_tasks: dict[str, dict[str, Any]] = {}
@@ -347,7 +359,7 @@ def files_suite(
         default_target=tasks[0].name,
         fingerprint=fingerprint,
         info={
-            "backbone": f"{type(template.model).__name__} ({base})",
+            "backbone": f"{type(template.hf_model).__name__} ({base})",
             "kind": kind,
             "head": "the model's own classifier"
             if own_head
@@ -388,6 +400,6 @@ def _on(split: Split, device: str) -> Split:
 
 def _embedding_prefix(backbone: HFBackbone) -> tuple[str, ...]:
     """The input embedding table's parameter prefix: full fine-tuning keeps it at W0 (a large table)."""
-    table = backbone.model.get_input_embeddings()
+    table = backbone.hf_model.get_input_embeddings()
     names = {id(m): n for n, m in backbone.named_modules()}
     return (f"{names[id(table)]}.",) if id(table) in names else ()
