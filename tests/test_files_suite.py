@@ -480,7 +480,8 @@ def test_clip_vision_model_from_a_datasets_image_folder(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     cfg = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+        patch_size=8,
     )  # fmt: skip
     torch.manual_seed(5)
     CLIPVisionModel(cfg).save_pretrained(tmp_path / "clipv")

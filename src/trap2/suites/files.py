@@ -7,7 +7,7 @@ What the base folder's config says decides the suite (``model_kind``):
 | ``text-head`` | ``*ForSequenceClassification`` | the model's logits | parameter-free identity |
 | ``image-head`` | ``*ForImageClassification`` | the model's logits | parameter-free identity |
 | ``text`` | any other text encoder (``AutoModel``) | masked mean of the last hidden states | prototypes |
-| ``image`` | a vision config (ViT, CLIP vision, ConvNeXt, a whole CLIP's vision tower) | image embedding | prototypes |
+| ``image`` | a vision config (ViT, CLIP vision, ConvNeXt; a whole CLIP's tower) | image embedding | prototypes |
 | ``lm`` | ``*ForCausalLM`` | delegated to ``trap2.suites.files_lm.lm_files_suite`` | |
 
 Prototype heads are the frozen class means of W0 features on each task's training split (as the built-in
@@ -51,7 +51,9 @@ FALLBACK_MEAN_STD = (0.5, 0.5)  # images without a processor config: pixels scal
 @dataclass(frozen=True)
 class TaskFiles:
     name: str
-    data: Path  # a file (.jsonl/.csv) or a folder (ImageFolder tree, a datasets save_to_disk folder, or a folder with train/val/test files)
+    # a file (.jsonl/.csv) or a folder (ImageFolder tree, a datasets save_to_disk folder, or a folder with
+    # train/val/test files)
+    data: Path
     adapter: Path | None = None  # the task's released update (PEFT folder or trap2 delta); may be None
 
 
@@ -327,26 +329,10 @@ def files_suite(
     built: dict[str, Task] = {}
     info_tasks: dict[str, dict[str, Any]] = {}
     for t in tasks:
-        data = read_data(t.data)
-        splits, origin = complete_splits(data, seed, val_fraction, test_fraction)
-        labels = label_ids(splits, num_labels, label2id)
-        parts = {s: Split(encode(splits[s]), torch.from_numpy(labels.ids[s])) for s in splits}
-        if own_head:
-            head: nn.Module = Logits()
-        else:
-            _check_classes(labels, splits["train"])
-            head = prototype_head(
-                feature_model, _on(parts["train"], device), labels.n_classes, LOGIT_SCALE
-            ).cpu()
-        built[t.name] = Task(
-            t.name, labels.n_classes, parts["train"], parts["val"], parts["test"], head, f"{t.data} ({kind})"
-        )
-        info_tasks[t.name] = {
-            "data": str(t.data),
-            "adapter": str(t.adapter) if t.adapter is not None else None,
-            "splits": {s: {"n": len(parts[s]), "from": origin[s]} for s in parts},
-            "classes": list(labels.classes) if labels.classes else None,
-        }
+        built[t.name], info_tasks[t.name] = _build_task(
+            t, encode, feature_model if not own_head else None, kind, num_labels, label2id,
+            (seed, val_fraction, test_fraction), device,
+        )  # fmt: skip
     template.to("cpu")
     full_frozen = _embedding_prefix(template) if modality == "text" else ()
     from trap2.hf.targets import default_lora_targets
@@ -370,6 +356,39 @@ def files_suite(
         },
         full_frozen=full_frozen,
     )
+
+
+def _build_task(
+    t: TaskFiles,
+    encode: Any,
+    feature_model: nn.Module | None,
+    kind: str,
+    num_labels: int | None,
+    label2id: dict[str, int] | None,
+    carving: tuple[int, float, float],
+    device: str,
+) -> tuple[Task, dict[str, Any]]:
+    """One task: its rows read and split, labels to ids, inputs encoded, and its head — the model's
+    own (``feature_model`` None) or prototypes of ``feature_model``'s W0 features on train."""
+    splits, origin = complete_splits(read_data(t.data), *carving)
+    labels = label_ids(splits, num_labels, label2id)
+    parts = {s: Split(encode(splits[s]), torch.from_numpy(labels.ids[s])) for s in splits}
+    if feature_model is None:
+        head: nn.Module = Logits()
+    else:
+        _check_classes(labels, splits["train"])
+        train = _on(parts["train"], device)
+        head = prototype_head(feature_model, train, labels.n_classes, LOGIT_SCALE).cpu()
+    task = Task(
+        t.name, labels.n_classes, parts["train"], parts["val"], parts["test"], head, f"{t.data} ({kind})"
+    )
+    info = {
+        "data": str(t.data),
+        "adapter": str(t.adapter) if t.adapter is not None else None,
+        "splits": {s: {"n": len(parts[s]), "from": origin[s]} for s in parts},
+        "classes": list(labels.classes) if labels.classes else None,
+    }
+    return task, info
 
 
 def _check_tasks(tasks: Sequence[TaskFiles]) -> None:
