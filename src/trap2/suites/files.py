@@ -7,7 +7,7 @@ What the base folder's config says decides the suite (``model_kind``):
 | ``text-head`` | ``*ForSequenceClassification`` | the model's logits | parameter-free identity |
 | ``image-head`` | ``*ForImageClassification`` | the model's logits | parameter-free identity |
 | ``text`` | any other text encoder (``AutoModel``) | masked mean of the last hidden states | prototypes |
-| ``image`` | a vision config (ViT, CLIP vision, ConvNeXt; a whole CLIP's tower) | image embedding | prototypes |
+| ``image`` | a vision config (ViT, CLIP vision, ConvNeXt, a whole CLIP) | image embedding | prototypes |
 | ``lm`` | ``*ForCausalLM`` | delegated to ``trap2.suites.files_lm.lm_files_suite`` | |
 
 Prototype heads are the frozen class means of W0 features on each task's training split (as the built-in
