@@ -17,7 +17,11 @@ from trap2.errors import ConfigError
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "clip": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
     "clip_vision_model": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-    "vit": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+    # ViT's module names before transformers 5, then from 5 on (PEFT needs only some to match)
+    "vit": (
+        *("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+        *("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
+    ),
     "convnext": ("pwconv1", "pwconv2"),
     "bert": ("query", "key", "value", "dense"),
     "roberta": ("query", "key", "value", "dense"),
