@@ -23,7 +23,7 @@ from trap2.errors import ConfigError, UpdateFileError
 from trap2.eval.evaluate import base_state
 from trap2.io import atomic_dir, load_tensors, save_tensors
 from trap2.merging import merge_updates, scale_delta
-from trap2.suites import SUITES, get_suite
+from trap2.suites import SUITES, get_suite, is_suite_name
 from trap2.updates import Update, apply_delta, load_update
 
 
@@ -37,7 +37,7 @@ class MergeResult:
 
 def load_base(base: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], str | None, str | None]:
     """(W0 state, fingerprint, suite name) from a suite name or a checkpoint (.safetensors or its folder)."""
-    if isinstance(base, str) and base in SUITES:
+    if isinstance(base, str) and is_suite_name(base) and not Path(base).exists():
         suite = get_suite(base)
         return dict(base_state(suite.make_backbone())), suite.fingerprint, suite.name
     p = Path(base)
