@@ -16,6 +16,7 @@ Run:  trap2 bench --suite vision-cnn --out runs/bench-vision-cnn
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -64,6 +65,9 @@ class BenchConfig:
         "the searches the baselines get (null: all; see DemoConfig)", None
     )
     scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
+    device: str | None = help_field(
+        "where training and evaluation run ('cpu', 'cuda', 'cuda:N', 'auto'); null = the train configs'", None
+    )
 
     def __post_init__(self) -> None:
         for name in ("modes", "targets", "tasks", "methods", "spaces", "extra_searches", "baselines"):
@@ -80,13 +84,13 @@ class BenchConfig:
     def train_config(self, suite: Suite, mode: str) -> TrainConfig:
         """This mode's settings: the config's own, else the suite's recipe over the defaults."""
         given = getattr(self, mode)
-        if given is not None:
-            return given
-        base = to_dict(TrainConfig(mode=mode))
-        recipe = dict(suite.recipes.get(mode, {}))
-        for key in ("objective", "lora"):
-            base[key] = {**base[key], **recipe.pop(key, {})}
-        return from_dict(TrainConfig, {**base, **recipe, "mode": mode}, f"{suite.name} recipe {mode}")
+        if given is None:
+            base = to_dict(TrainConfig(mode=mode))
+            recipe = dict(suite.recipes.get(mode, {}))
+            for key in ("objective", "lora"):
+                base[key] = {**base[key], **recipe.pop(key, {})}
+            given = from_dict(TrainConfig, {**base, **recipe, "mode": mode}, f"{suite.name} recipe {mode}")
+        return given if self.device is None else dataclasses.replace(given, device=self.device)
 
     def demo_config(self, suite: Suite, mode: str, target: str) -> DemoConfig:
         return DemoConfig(

@@ -103,7 +103,10 @@ def merge_files(
     search_suite: str | None = None,
     hparams: Mapping[str, Any] | None = None,
     merged_checkpoint: bool = False,
+    device: str = "cpu",
 ) -> MergeResult:
+    """Merge the updates at ``paths`` on ``base`` and write the result to ``out``; with ``search_suite``
+    the coefficient is searched on that suite's validation data, evaluated on ``device``."""
     if coefficient is not None and search_suite is not None:
         raise ConfigError("give either a coefficient or a suite to search it on, not both")
     if not paths:
@@ -124,7 +127,7 @@ def merge_files(
     if search_suite is not None:
         suite = get_suite(search_suite)
         own = dict(zip(tasks, updates, strict=True))  # each task's normaliser: its own update's val acc
-        ctx = EvalContext.normalised_by(suite, own, tasks=list(own))
+        ctx = EvalContext.normalised_by(suite, own, tasks=list(own), device=device)
         dense = merged.dense()
         found = search_coefficient(lambda c: ctx.val_score(ctx.params(dense, c)))
         coefficient = found.coefficient

@@ -128,10 +128,8 @@ class Update:
             if fp == here:
                 return
             fingerprint = here
-        short = fp.removeprefix(STATE_FINGERPRINT)[:12]
-        raise UpdateFileError(
-            f"{where}: made for base {short}…, not this base ({fingerprint.removeprefix(STATE_FINGERPRINT)[:12]}…)"
-        )
+        theirs, ours = (f.removeprefix(STATE_FINGERPRINT)[:12] for f in (fp, fingerprint))
+        raise UpdateFileError(f"{where}: made for base {theirs}…, not this base ({ours}…)")
 
     # --- construction from a trained model ----------------------------------------------------------
 

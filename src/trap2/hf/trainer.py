@@ -357,7 +357,8 @@ def _source_folder(model: nn.Module) -> Path | None:
     Hugging Face cache; nothing is downloaded), if it holds safetensors weights."""
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
-    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+    config = getattr(model, "config", None)
+    name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", "")
     if not name:
         return None
     folder = Path(name)

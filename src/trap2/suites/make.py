@@ -93,16 +93,17 @@ def check_task(backbone: nn.Module, task: Task, where: str) -> None:
         if not isinstance(split, Split) or not torch.is_tensor(split.x) or not torch.is_tensor(split.y):
             raise ConfigError(f"{here}: inputs and labels must each be one tensor (a Split(x, y))")
         if split.y.dtype != torch.int64 or split.y.dim() < 1:
-            raise ConfigError(f"{here}: labels must be int64 (N,) or (N, L), got {split.y.dtype} {tuple(split.y.shape)}")
+            raise ConfigError(
+                f"{here}: labels must be int64 (N,) or (N, L), got {split.y.dtype} {tuple(split.y.shape)}"
+            )
         if split.x.shape[0] != split.y.shape[0]:
             raise ConfigError(f"{here}: {split.x.shape[0]} inputs but {split.y.shape[0]} labels")
         if len(split) == 0:
             raise ConfigError(f"{here}: empty")
         counted = split.y[split.y != ignore] if ignore is not None else split.y
-        if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= task.n_classes):
-            raise ConfigError(
-                f"{here}: labels must be in [0, {task.n_classes}), got {int(counted.min())}..{int(counted.max())}"
-            )
+        low, high = (int(counted.min()), int(counted.max())) if counted.numel() else (0, 0)
+        if low < 0 or high >= task.n_classes:
+            raise ConfigError(f"{here}: labels must be in [0, {task.n_classes}), got {low}…{high}")
     if task.evaluate is not None:
         return  # scored by its own metric: the head's output is its business
     was_training = backbone.training
