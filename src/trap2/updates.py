@@ -43,8 +43,8 @@ STATE_FINGERPRINT = "tensors-sha256:"  # prefix of a fingerprint computed from t
 
 def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     """A fingerprint of base weights held in memory: sha256 over every (name, shape, float32 bytes) in name
-    order, prefixed with :data:`STATE_FINGERPRINT`. The float32 view makes a bf16 copy of the same weights
-    agree with its float32 original. Suites loaded from files record the file's sha256 instead
+    order, prefixed with :data:`STATE_FINGERPRINT`. The float32 view makes a bf16 or fp16 base agree with
+    its exact float32 upcast. Suites loaded from files record the file's sha256 instead
     (``trap2.data.prepare.weights_fingerprint``); :meth:`Update.check_base` compares either kind."""
     h = hashlib.sha256()
     for name in sorted(state):
