@@ -8,7 +8,7 @@ import pytest
 
 from trap2.audit import run_audit
 from trap2.config import ObjectiveConfig, TrainConfig
-from trap2.errors import ConfigError
+from trap2.errors import ConfigError, UpdateFileError
 from trap2.eval.evaluate import accuracy, base_state
 from trap2.pipeline import DemoConfig
 from trap2.training import train_update
@@ -57,7 +57,7 @@ def test_audit_refuses_updates_that_do_not_fit(released, tmp_path):
     other = load_update(released / "prot")
     other.meta["base_fingerprint"] = "0" * 64
     other.save(tmp_path / "other")
-    with pytest.raises(ConfigError, match="another base"):
+    with pytest.raises(UpdateFileError, match="made for base 000000000000"):
         run_audit(tmp_path / "other", cfg, tmp_path / "r")
     anon = load_update(released / "prot")
     del anon.meta["task"]

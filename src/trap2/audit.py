@@ -3,21 +3,24 @@
 For the update (a PEFT folder or ``delta.safetensors`` made on a suite's backbone): its standalone
 accuracy, its scaling curve acc(s) against the same task's unprotected update, and the attack matrix
 (every configured method × space, coefficient searched on validation) against a pool of other tasks'
-updates — those given with ``--pool``, the rest the suite's unprotected updates (trained once, cached).
+updates — those given with ``--pool`` (or, for a model folder and data files, the adapters given per task
+with ``--task NAME=ADAPTER:DATA``), the rest the suite's unprotected updates (trained once, cached).
 The report is the demo's (``report.json`` / ``.md``, the scaling curve and a merge heat map).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from trap2.errors import ConfigError
+from trap2.eval.evaluate import base_state
 from trap2.pipeline import DemoConfig, evaluate_protection, trained_update
 from trap2.progress import LogReporter, Reporter
 from trap2.suites import get_suite
+from trap2.suites.base import Suite
 from trap2.updates import Update, load_update
 
 
@@ -38,27 +41,41 @@ def run_audit(
     pool: Sequence[str | Path] = (),
     fresh: bool = False,
     reporter: Reporter | None = None,
+    *,
+    suite: Suite | None = None,
+    adapters: Mapping[str, str | Path] | None = None,
 ) -> dict[str, Any]:
+    """Audit the update at ``update_path`` on ``suite`` (default: the registered ``cfg.suite``).
+
+    The pool: ``adapters`` ({task: update folder}, e.g. the adapters named by ``trap2 audit --base``) and
+    ``pool`` (update folders that record their task); a task with neither gets an unprotected update
+    trained on its data (cached under ``out/updates``). Every given update is checked against the base
+    (names, shapes, recorded fingerprint) before anything is trained or written."""
     t0 = time.perf_counter()
     reporter = reporter or LogReporter()
     out = Path(out)
-    suite = get_suite(cfg.suite)
+    suite = suite if suite is not None else get_suite(cfg.suite)
     tasks = suite.task_names
     audited = load_update(update_path)
-    fp = audited.meta.get("base_fingerprint")
-    if fp and fp != suite.fingerprint:
-        raise ConfigError(f"{update_path}: made for another base ({fp[:12]}…), not suite {suite.name!r}")
     if task is not None:
         suite.task(task)  # validates the name
     target = task or _task_of(audited, str(update_path), tasks)
 
     given: dict[str, Update] = {}
+    where: dict[str, str] = {}
+    for t, p in (adapters or {}).items():
+        suite.task(t)  # validates the name
+        given[t], where[t] = load_update(p), str(p)
     for p in pool:
         u = load_update(p)
         t = _task_of(u, str(p), tasks)
         if t in given:
             raise ConfigError(f"--pool: two updates for task {t!r}")
-        given[t] = u
+        given[t], where[t] = u, str(p)
+    w0 = base_state(suite.make_backbone())
+    for t, u in [(None, audited), *given.items()]:
+        u.check_base(w0, suite.fingerprint, where=str(update_path) if t is None else where[t])
+    del w0
     plain_cfg = cfg.train.plain()
     cache = out / "updates"
     updates = {

@@ -16,6 +16,7 @@ Run:  trap2 bench --suite vision-cnn --out runs/bench-vision-cnn
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -23,14 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trap2.attacks.context import update_key
 from trap2.config import TrainConfig, config_hash, from_dict, help_field, to_dict
 from trap2.errors import ConfigError
+from trap2.eval.evaluate import base_state
 from trap2.eval.report import pct, threats_table
 from trap2.io import write_json, write_text
 from trap2.pipeline import CURVE_SCALES, DemoConfig, evaluate_protection, trained_pool
 from trap2.progress import LogReporter, Reporter
 from trap2.suites import get_suite
 from trap2.suites.base import Suite
+from trap2.updates import Update, load_update
 
 MODES = ("lora", "full")
 
@@ -61,6 +65,9 @@ class BenchConfig:
         "the searches the baselines get (null: all; see DemoConfig)", None
     )
     scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
+    device: str | None = help_field(
+        "where training and evaluation run ('cpu', 'cuda', 'cuda:N', 'auto'); null = the train configs'", None
+    )
 
     def __post_init__(self) -> None:
         for name in ("modes", "targets", "tasks", "methods", "spaces", "extra_searches", "baselines"):
@@ -77,13 +84,13 @@ class BenchConfig:
     def train_config(self, suite: Suite, mode: str) -> TrainConfig:
         """This mode's settings: the config's own, else the suite's recipe over the defaults."""
         given = getattr(self, mode)
-        if given is not None:
-            return given
-        base = to_dict(TrainConfig(mode=mode))
-        recipe = dict(suite.recipes.get(mode, {}))
-        for key in ("objective", "lora"):
-            base[key] = {**base[key], **recipe.pop(key, {})}
-        return from_dict(TrainConfig, {**base, **recipe, "mode": mode}, f"{suite.name} recipe {mode}")
+        if given is None:
+            base = to_dict(TrainConfig(mode=mode))
+            recipe = dict(suite.recipes.get(mode, {}))
+            for key in ("objective", "lora"):
+                base[key] = {**base[key], **recipe.pop(key, {})}
+            given = from_dict(TrainConfig, {**base, **recipe, "mode": mode}, f"{suite.name} recipe {mode}")
+        return given if self.device is None else dataclasses.replace(given, device=self.device)
 
     def demo_config(self, suite: Suite, mode: str, target: str) -> DemoConfig:
         return DemoConfig(
@@ -110,20 +117,41 @@ class BenchConfig:
         return list(self.targets)
 
 
-def _cell_key(suite: Suite, demo: DemoConfig) -> str:
-    """A finished cell is reused only for the same settings and the same pool of tasks (a suite that
-    gained tasks redoes its cells; the trained updates are cached apart and reused)."""
-    return config_hash(suite.name, suite.fingerprint, suite.task_names, demo)
+def _cell_key(suite: Suite, demo: DemoConfig, given: Mapping[str, Update] | None = None) -> str:
+    """A finished cell is reused only for the same settings, the same pool of tasks (a suite that
+    gained tasks redoes its cells; the trained updates are cached apart and reused) and the same given
+    updates (by content)."""
+    parts: list[Any] = [suite.name, suite.fingerprint, suite.task_names, demo]
+    if given:
+        parts.append({t: update_key(u) for t, u in sorted(given.items())})
+    return config_hash(*parts)
 
 
 def run_bench(
-    cfg: BenchConfig, out: str | Path, fresh: bool = False, reporter: Reporter | None = None
+    cfg: BenchConfig,
+    out: str | Path,
+    fresh: bool = False,
+    reporter: Reporter | None = None,
+    *,
+    suite: Suite | None = None,
+    adapters: Mapping[str, str | Path] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every (mode, target) cell; return and write the summary."""
+    """Run (or resume) every (mode, target) cell; return and write the summary.
+
+    ``suite``: the suite to run on (default: the registered ``cfg.suite``), e.g. one built from a model
+    folder and data files; ``adapters`` ({task: update folder}): updates taken as those tasks' unprotected
+    pool members instead of training them (checked against the base before anything is trained)."""
     t0 = time.perf_counter()
     reporter = reporter or LogReporter()
     out = Path(out)
-    suite = get_suite(cfg.suite).subset(cfg.tasks)
+    suite = (suite if suite is not None else get_suite(cfg.suite)).subset(cfg.tasks)
+    given = {t: load_update(p) for t, p in (adapters or {}).items()}
+    if given:
+        w0 = base_state(suite.make_backbone())
+        for t, u in given.items():
+            suite.task(t)  # validates the name
+            u.check_base(w0, suite.fingerprint, where=str(adapters[t]))  # type: ignore[index]
+        del w0
     targets = cfg.target_list(suite)
     cache = out / "updates"
     cells: list[dict[str, Any]] = []
@@ -131,16 +159,17 @@ def run_bench(
         for target in targets:
             demo = cfg.demo_config(suite, mode, target)
             folder = out / mode / target
-            key = _cell_key(suite, demo)
+            key = _cell_key(suite, demo, given)
             done = _finished(folder, key)
             if done is not None and not fresh:
                 reporter_note(reporter, f"{mode} / {target}: finished earlier, reused")
                 cells.append(_summary(mode, done))
                 continue
-            updates, protected = trained_pool(suite, target, demo.train, cache, fresh, reporter)
+            updates, protected = trained_pool(suite, target, demo.train, cache, fresh, reporter, given)
+            pool = {t: ("given" if t in given else "trained") for t in suite.task_names}
             report = evaluate_protection(
                 suite, target, updates, protected, demo, folder, reporter, time.perf_counter(),
-                {"bench_key": key, "mode": mode},
+                {"bench_key": key, "mode": mode, "pool": pool},
             )  # fmt: skip
             cells.append(_summary(mode, report))
     summary = {

@@ -35,6 +35,19 @@ Threads = Annotated[
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="YAML config file (CLI options override it)")
 ]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="where training and evaluation run: cpu, cuda, cuda:N or auto")
+]
+# a model folder and data files instead of a suite (trap2 audit / bench --base)
+BaseOpt = Annotated[
+    Path | None,
+    typer.Option(help="a Hugging Face model folder: audit/bench on it with --task NAME=ADAPTER_DIR:DATA"),
+]
+ScoringOpt = Annotated[
+    str,
+    typer.Option(help="with --base, causal LMs: loglik (answer log-likelihood), exact (generation) or auto"),
+]
+BatchOpt = Annotated[int, typer.Option(help="with --base: batch size of the suite's feature and eval passes")]
 
 
 def _threads(n: int | None) -> None:
@@ -155,6 +168,7 @@ def train(
     from trap2.eval import accuracy, base_state, scaling_curve
     from trap2.suites import get_suite
     from trap2.training import train_update
+    from trap2.training.loop import resolve_device
     from trap2.updates import apply_delta
 
     _threads(threads)
@@ -191,7 +205,7 @@ def train(
 
     result.update.save(out, peft_model=result.peft_model)
     shutil.rmtree(ckpt, ignore_errors=True)  # the finished update replaces the checkpoint
-    backbone = st.make_backbone()
+    backbone = st.make_backbone().to(resolve_device(cfg.device))
     w0, d = base_state(backbone), result.update.dense()
     test = accuracy(backbone, st.task(task_name), "test", apply_delta(w0, d, 1.0))
     curve = scaling_curve(backbone, st.task(task_name), d, (0.5, 1.0, 2.0))
@@ -215,6 +229,7 @@ def demo(
     # --objective, --lam, --s-min, ...: one option per ObjectiveConfig field (objective_options)
     objective: dict[str, Any] | None = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    device: DeviceOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="retrain instead of reusing cached updates")] = False,
     config: ConfigOpt = None,
     threads: Threads = 0,
@@ -224,7 +239,9 @@ def demo(
     from trap2.progress import RichReporter
 
     _threads(threads)
-    cfg = _demo_config(config, objective, suite=suite, target=target, steps=steps, mode=mode, seed=seed)
+    cfg = _demo_config(
+        config, objective, suite=suite, target=target, steps=steps, mode=mode, seed=seed, device=device
+    )
     with RichReporter() as reporter:
         report = run_demo(cfg, out, fresh=fresh, reporter=reporter)
     _print_summary(report, f"trap2 demo: suite {report['suite']}, protected task {report['target']}", out)
@@ -239,7 +256,7 @@ def _demo_config(config: Path | None, objective: dict[str, Any] | None = None, *
     raw = load_yaml(config) if config else {}
     base = to_dict(DemoConfig())
     base.update({k: v for k, v in raw.items() if k != "train"})
-    train_keys = ("steps", "mode", "seed")
+    train_keys = ("steps", "mode", "seed", "device")
     train_cfg = _train_config(
         {**base["train"], **raw.get("train", {})}, objective, **{k: overrides.get(k) for k in train_keys}
     )
@@ -269,12 +286,29 @@ def _print_summary(report: dict[str, Any], title: str, out: Path) -> None:
 @app.command()
 def audit(
     update: Annotated[
-        Path, typer.Argument(help="the released update: a PEFT folder or a delta.safetensors folder")
-    ],
-    out: Annotated[Path, typer.Option(help="output folder (report.json, report.md, PNGs, updates/)")],
-    suite: Annotated[str | None, typer.Option(help="suite the update was made on (default: digits)")] = None,
+        Path | None,
+        typer.Argument(
+            help="the released update: a PEFT folder or a delta.safetensors folder (with --base: default "
+            "the --protected task's adapter)"
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="output folder (report.json, report.md, PNGs, updates/)")] = Path(
+        "runs/audit"
+    ),
+    suite: Annotated[
+        str | None,
+        typer.Option(help="suite the update was made on: name or package.module:function (default: digits)"),
+    ] = None,
     task: Annotated[
-        str | None, typer.Option(help="the update's task (default: recorded in the update)")
+        list[str] | None,
+        typer.Option(
+            help="with --suite: the update's task (default: recorded in it); with --base: "
+            "NAME=ADAPTER_DIR:DATA per task (repeatable; ADAPTER_DIR may be empty)"
+        ),
+    ] = None,
+    base: BaseOpt = None,
+    protected: Annotated[
+        str | None, typer.Option(help="with --base: the task whose adapter is audited")
     ] = None,
     pool: Annotated[
         list[Path] | None,
@@ -288,23 +322,61 @@ def audit(
     ] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps of the pool's plain updates")] = None,
     mode: Annotated[str | None, typer.Option(help="'lora' or 'full' for the pool's plain updates")] = None,
+    scoring: ScoringOpt = "auto",
+    seed: Annotated[
+        int | None,
+        typer.Option(help="random seed of the plain updates (and, with --base, of the data carving)"),
+    ] = None,
+    device: DeviceOpt = None,
+    batch_size: BatchOpt = 64,
     fresh: Annotated[
         bool, typer.Option("--fresh", help="retrain the pool instead of reusing the cache")
     ] = False,
     config: ConfigOpt = None,
     threads: Threads = 0,
 ) -> None:
-    """How well is a released update protected: standalone, scaling curve, attack matrix and heat map."""
+    """How well is a released update protected: standalone, scaling curve, attack matrix and heat map.
+
+    On your own model and data:  trap2 audit --base MODEL_DIR --task a=ADAPTER_A:a.jsonl
+    --task b=ADAPTER_B:b.jsonl --protected a --out runs/audit"""
     from trap2.audit import run_audit
+    from trap2.files_job import FilesOptions, run_files_audit
     from trap2.progress import RichReporter
 
     _threads(threads)
     cfg = _demo_config(
-        config, suite=suite, steps=steps, mode=mode, methods=_csv(methods), spaces=_csv(spaces)
+        config,
+        suite=suite,
+        steps=steps,
+        mode=mode,
+        seed=seed,
+        device=device,
+        methods=_csv(methods),
+        spaces=_csv(spaces),
     )
-    with RichReporter() as reporter:
-        report = run_audit(update, cfg, out, task=task, pool=pool or (), fresh=fresh, reporter=reporter)
-    _print_summary(report, f"trap2 audit: {update} ({report['suite']}/{report['target']})", out)
+    tasks = task or []
+    if base is not None:
+        if suite is not None or pool:
+            raise UnknownNameError("--base makes the suite from files: give --task specs, not --suite/--pool")
+        options = FilesOptions(scoring, seed or 0, batch_size, device or "cpu")
+        with RichReporter() as reporter:
+            report = run_files_audit(
+                base, tasks, cfg, out, protected=protected, update=update, options=options,
+                fresh=fresh, reporter=reporter,
+            )  # fmt: skip
+        title = f"trap2 audit: {report['audited']} ({base}/{report['target']})"
+    else:
+        if update is None:
+            raise UnknownNameError("give the update to audit, or --base with --task NAME=ADAPTER_DIR:DATA")
+        if len(tasks) > 1 or protected is not None:
+            raise UnknownNameError("several --task specs and --protected need --base MODEL_DIR")
+        with RichReporter() as reporter:
+            report = run_audit(
+                update, cfg, out, task=tasks[0] if tasks else None, pool=pool or (), fresh=fresh,
+                reporter=reporter,
+            )  # fmt: skip
+        title = f"trap2 audit: {update} ({report['suite']}/{report['target']})"
+    _print_summary(report, title, out)
 
 
 def _csv(v: str | None) -> list[str] | None:
@@ -314,7 +386,9 @@ def _csv(v: str | None) -> list[str] | None:
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="output folder (bench.md/json, <mode>/<target>/, updates/)")],
-    suite: Annotated[str | None, typer.Option(help="suite (default: digits)")] = None,
+    suite: Annotated[
+        str | None, typer.Option(help="suite: a name or package.module:function (default: digits)")
+    ] = None,
     modes: Annotated[str | None, typer.Option(help="comma-separated: lora,full (default: both)")] = None,
     targets: Annotated[
         str | None,
@@ -324,10 +398,22 @@ def bench(
         str | None,
         typer.Option(help="comma-separated tasks fine-tuned and merged (default: all the suite's)"),
     ] = None,
+    base: BaseOpt = None,
+    task: Annotated[
+        list[str] | None,
+        typer.Option(help="with --base: NAME=ADAPTER_DIR:DATA per task (repeatable; ADAPTER_DIR: optional)"),
+    ] = None,
+    protected: Annotated[
+        str | None, typer.Option(help="the task protected (same as --targets NAME)")
+    ] = None,
     methods: Annotated[
         str | None, typer.Option(help="comma-separated merge methods (default: ta,ties,tsv,cart)")
     ] = None,
     spaces: Annotated[str | None, typer.Option(help="comma-separated merge spaces (default: full)")] = None,
+    scoring: ScoringOpt = "auto",
+    seed: Annotated[int, typer.Option(help="with --base: seed of the validation/test carving")] = 0,
+    device: DeviceOpt = None,
+    batch_size: BatchOpt = 64,
     fresh: Annotated[bool, typer.Option("--fresh", help="redo every cell and retrain every update")] = False,
     config: ConfigOpt = None,
     threads: Threads = 0,
@@ -335,19 +421,32 @@ def bench(
     """The paper's experiment on a suite: LoRA and full, unprotected vs protected, the whole matrix.
 
     Resumable: finished cells and trained updates are reused; an interrupted training run resumes from
-    its last checkpoint."""
+    its last checkpoint. With --base, the given adapters are the unprotected pool."""
     from trap2.bench import BenchConfig, run_bench
     from trap2.config import from_dict, load_yaml
+    from trap2.files_job import FilesOptions, run_files_bench
     from trap2.progress import RichReporter
 
     _threads(threads)
+    if protected is not None and targets is not None:
+        raise UnknownNameError("give --protected or --targets, not both")
     raw = load_yaml(config) if config else {}
-    given = {"suite": suite, "modes": _csv(modes), "targets": _csv(targets), "tasks": _csv(tasks)}
-    given.update(methods=_csv(methods), spaces=_csv(spaces))
+    given = {"suite": suite, "modes": _csv(modes), "targets": _csv(protected or targets)}
+    given.update(tasks=_csv(tasks), methods=_csv(methods), spaces=_csv(spaces), device=device)
     raw.update({k: v for k, v in given.items() if v is not None})
     cfg = from_dict(BenchConfig, raw, "bench")
     with RichReporter() as reporter:
-        summary = run_bench(cfg, out, fresh=fresh, reporter=reporter)
+        if base is not None:
+            if suite is not None:
+                raise UnknownNameError("--base builds the suite from files: give --task specs, not --suite")
+            options = FilesOptions(scoring, seed, batch_size, device or "cpu")
+            summary = run_files_bench(
+                base, task or [], cfg, out, options=options, fresh=fresh, reporter=reporter
+            )
+        else:
+            if task:
+                raise UnknownNameError("--task NAME=ADAPTER_DIR:DATA needs --base MODEL_DIR")
+            summary = run_bench(cfg, out, fresh=fresh, reporter=reporter)
     typer.echo((out / "bench.md").read_text())
     typer.echo(f"bench: {out / 'bench.md'}  ({summary['wall_seconds_this_run']:.0f} s this run)")
 
@@ -373,14 +472,16 @@ def merge(
     merged_checkpoint: Annotated[
         bool, typer.Option("--merged-checkpoint", help="also write W0 + c·ΔW as model.safetensors")
     ] = False,
+    device: DeviceOpt = None,
     threads: Threads = 0,
 ) -> None:
     """Merge updates (method × space), with a given or searched coefficient, and write the result."""
     from trap2.merge_job import merge_files, parse_hparams
 
     _threads(threads)
+    hparams = parse_hparams(hparam or [])
     r = merge_files(
-        updates, base, method, space, out, coefficient, search, parse_hparams(hparam or []), merged_checkpoint
+        updates, base, method, space, out, coefficient, search, hparams, merged_checkpoint, device or "cpu"
     )
     kind = "PEFT adapter" if r.update.kind == "lora" else "dense delta"
     typer.echo(

@@ -23,7 +23,7 @@ from trap2.errors import ConfigError, UpdateFileError
 from trap2.eval.evaluate import base_state
 from trap2.io import atomic_dir, load_tensors, save_tensors
 from trap2.merging import merge_updates, scale_delta
-from trap2.suites import SUITES, get_suite
+from trap2.suites import SUITES, get_suite, is_suite_name
 from trap2.updates import Update, apply_delta, load_update
 
 
@@ -37,7 +37,7 @@ class MergeResult:
 
 def load_base(base: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], str | None, str | None]:
     """(W0 state, fingerprint, suite name) from a suite name or a checkpoint (.safetensors or its folder)."""
-    if isinstance(base, str) and base in SUITES:
+    if isinstance(base, str) and is_suite_name(base) and not Path(base).exists():
         suite = get_suite(base)
         return dict(base_state(suite.make_backbone())), suite.fingerprint, suite.name
     p = Path(base)
@@ -103,7 +103,10 @@ def merge_files(
     search_suite: str | None = None,
     hparams: Mapping[str, Any] | None = None,
     merged_checkpoint: bool = False,
+    device: str = "cpu",
 ) -> MergeResult:
+    """Merge the updates at ``paths`` on ``base`` and write the result to ``out``; with ``search_suite``
+    the coefficient is searched on that suite's validation data, evaluated on ``device``."""
     if coefficient is not None and search_suite is not None:
         raise ConfigError("give either a coefficient or a suite to search it on, not both")
     if not paths:
@@ -124,7 +127,7 @@ def merge_files(
     if search_suite is not None:
         suite = get_suite(search_suite)
         own = dict(zip(tasks, updates, strict=True))  # each task's normaliser: its own update's val acc
-        ctx = EvalContext.normalised_by(suite, own, tasks=list(own))
+        ctx = EvalContext.normalised_by(suite, own, tasks=list(own), device=device)
         dense = merged.dense()
         found = search_coefficient(lambda c: ctx.val_score(ctx.params(dense, c)))
         coefficient = found.coefficient

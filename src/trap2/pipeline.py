@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from trap2.attacks import DATA_METHODS, SEARCHES, TA_SEARCHES, EvalContext, attack_matrix, run_attack
+from trap2.attacks.context import resolve_device
 from trap2.config import ObjectiveConfig, TrainConfig, config_hash, help_field, to_dict
 from trap2.defenses import BASELINES, baseline_update
 from trap2.errors import ConfigError
@@ -163,11 +164,22 @@ def _mean(accs: Mapping[str, float]) -> dict[str, float]:
 
 
 def trained_pool(
-    suite: Suite, target: str, train: TrainConfig, cache: Path, fresh: bool, reporter: Reporter
+    suite: Suite,
+    target: str,
+    train: TrainConfig,
+    cache: Path,
+    fresh: bool,
+    reporter: Reporter,
+    given: Mapping[str, Update] | None = None,
 ) -> tuple[dict[str, Update], Update]:
-    """Every task's plain update (``train`` with objective 'none') and the target's protected one."""
+    """Every task's plain update (``train`` with objective 'none'; ``given`` ones are taken as they are)
+    and the target's protected one."""
     plain_cfg = train.plain()
-    updates = {t: trained_update(suite, t, plain_cfg, cache, fresh, reporter) for t in suite.task_names}
+    given = given or {}
+    updates = {
+        t: given[t] if t in given else trained_update(suite, t, plain_cfg, cache, fresh, reporter)
+        for t in suite.task_names
+    }
     return updates, trained_update(suite, target, train, cache, fresh, reporter)
 
 
@@ -185,7 +197,7 @@ def evaluate_protection(
     """Standalone accuracy, the target's scaling curve and the attack matrix of a protected update
     against the unprotected pool ``updates`` (one per task); writes the report to ``out``."""
     tasks = suite.task_names
-    backbone = suite.make_backbone()
+    backbone = suite.make_backbone().to(resolve_device(cfg.train.device))  # evaluation runs where it is
     w0 = base_state(backbone)
     dense = {t: u.dense() for t, u in updates.items()}
     prot_dense = protected.dense()
@@ -219,7 +231,8 @@ def evaluate_protection(
         b_cells = [c for c in cells if cfg.baseline_searches is None or c[2] in cfg.baseline_searches]
         with reporter.stage("attack: post-hoc baselines", len(cfg.baselines) * len(b_cells)) as advance:
             for name in cfg.baselines:
-                defended = baseline_update(suite, updates[target], name, w0)
+                w0_cpu = {n: t.cpu() for n, t in w0.items()}  # the defenses work on the CPU copies
+                defended = baseline_update(suite, updates[target], name, w0_cpu)
                 pool = [defended if t == target else updates[t] for t in tasks]
                 for method, space, search in b_cells:
                     rec = run_attack(ctx, pool, method, space, search, i, hparam_search=cfg.hparam_search)

@@ -16,6 +16,7 @@ dense, which ``load_update`` reads back exactly (see :attr:`Update.kind`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,20 @@ LEGACY_WEIGHTS = "adapter_model.bin"
 DENSE_WEIGHTS = "delta.safetensors"
 SIDECAR = "trap2.json"
 PEFT_PREFIX = "base_model.model."
+STATE_FINGERPRINT = "tensors-sha256:"  # prefix of a fingerprint computed from tensors, not from a file
+
+
+def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """A fingerprint of base weights held in memory: sha256 over every (name, shape, float32 bytes) in name
+    order, prefixed with :data:`STATE_FINGERPRINT`. The float32 view makes a bf16 or fp16 base agree with
+    its exact float32 upcast. Suites loaded from files record the file's sha256 instead
+    (``trap2.data.prepare.weights_fingerprint``); :meth:`Update.check_base` compares either kind."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return STATE_FINGERPRINT + h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -106,8 +121,15 @@ class Update:
                     f"{where}: tensor {name!r} has shape {tuple(d.shape)} but the base has {tuple(base[name].shape)}"
                 )
         fp = self.meta.get("base_fingerprint")
-        if fp and fingerprint and fp != fingerprint:
-            raise UpdateFileError(f"{where}: made for base {fp[:12]}…, not this base ({fingerprint[:12]}…)")
+        if not fp or not fingerprint or fp == fingerprint:
+            return
+        if fp.startswith(STATE_FINGERPRINT):  # recorded from the weights themselves: hash this base's
+            here = weights_fingerprint(base)
+            if fp == here:
+                return
+            fingerprint = here
+        theirs, ours = (f.removeprefix(STATE_FINGERPRINT)[:12] for f in (fp, fingerprint))
+        raise UpdateFileError(f"{where}: made for base {theirs}…, not this base ({ours}…)")
 
     # --- construction from a trained model ----------------------------------------------------------
 

@@ -306,15 +306,31 @@ class Trap2Mixin:
     # --- release ------------------------------------------------------------------------------------
 
     def save_update(
-        self, path: str | Path, module: nn.Module | None = None, meta: dict[str, Any] | None = None
+        self,
+        path: str | Path,
+        module: nn.Module | None = None,
+        meta: dict[str, Any] | None = None,
+        *,
+        task: str | None = None,
+        base_fingerprint: str | None = None,
     ) -> Path:
-        """Write the trained update in trap2's release format (atomic), with the protection settings.
+        """Write the trained update in trap2's release format (atomic), with the protection settings, the
+        task it was trained for and the fingerprint of its base, so that ``trap2 audit`` needs no
+        ``--task`` and refuses it on another base.
 
         ``module``: the part of the model whose parameter names the update uses (default: the model the
         Trainer was given; pass the backbone when a wrapper adds a frozen head around it).
+        ``base_fingerprint``: default :func:`base_fingerprint_of` the model (its folder's weights file when
+        it was loaded from a local folder or the Hugging Face cache, else its W0 tensors).
         """
         model = self.accelerator.unwrap_model(self.model)
         module = model if module is None else module
+        prefix = {id(m): n for n, m in model.named_modules()}.get(id(module))
+        if prefix is None:
+            raise ConfigError("save_update: `module` is not part of the trained model")
+        cut = f"{prefix}." if prefix else ""
+        full_w0 = self._trap2_scaled.w0 if self.trap2_mode == "full" else None
+        w0 = {n[len(cut) :]: t for n, t in (full_w0 or {}).items() if n.startswith(cut)}
         info = {
             "mode": self.trap2_mode,
             "objective": to_dict(self.trap2_config),
@@ -323,16 +339,60 @@ class Trap2Mixin:
             "skipped_steps": self.trap2_skipped_steps,
             **(meta or {}),
         }
+        if task is not None:
+            info["task"] = task
+        if base_fingerprint is None and "base_fingerprint" not in info:
+            base_fingerprint = base_fingerprint_of(model, module, w0)
+        if base_fingerprint is not None:
+            info["base_fingerprint"] = base_fingerprint
         if self.trap2_mode == "lora":
             update = Update.from_peft_model(module, meta=info)
             return update.save(path, peft_model=module if hasattr(module, "peft_config") else None)
-        prefix = {id(m): n for n, m in model.named_modules()}.get(id(module))
-        if prefix is None:
-            raise ConfigError("save_update: `module` is not part of the trained model")
-        cut = f"{prefix}." if prefix else ""
-        w0 = {n[len(cut) :]: t for n, t in self._trap2_scaled.w0.items() if n.startswith(cut)}
         now = dict(module.named_parameters())
         return Update.from_full(now, w0, meta=info).save(path)
+
+
+def _source_folder(model: nn.Module) -> Path | None:
+    """The local folder a transformers model was loaded from (a path, or a repo id in the local
+    Hugging Face cache; nothing is downloaded), if it holds safetensors weights."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    config = getattr(model, "config", None)
+    name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", "")
+    if not name:
+        return None
+    folder = Path(name)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(name), local_files_only=True))
+        except Exception:  # not a repo id, or not cached: no folder to fingerprint
+            return None
+    return folder if any(folder.glob("*.safetensors")) else None
+
+
+def base_fingerprint_of(
+    model: nn.Module, module: nn.Module | None = None, w0: dict[str, torch.Tensor] | None = None
+) -> str:
+    """The fingerprint of the base a model was trained from: its folder's weights file as the suites
+    record it (``trap2.data.prepare.weights_fingerprint``) when it was loaded from a local folder, else
+    :func:`trap2.updates.weights_fingerprint` of ``module``'s W0 (LoRA: its base layers' weights, named as
+    the base model names them; full: ``w0`` over its current values)."""
+    from trap2.data.prepare import weights_fingerprint as folder_fingerprint
+    from trap2.updates import PEFT_PREFIX, weights_fingerprint
+
+    folder = _source_folder(model)
+    if folder is not None:
+        return folder_fingerprint(folder)
+    module = model if module is None else module
+    state = {}
+    for name, p in module.named_parameters():
+        if ".lora_" in name:
+            continue
+        state[name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")] = p
+    state.update(w0 or {})
+    return weights_fingerprint(state)
 
 
 class Trap2Trainer(Trap2Mixin, Trainer):

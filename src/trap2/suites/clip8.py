@@ -35,6 +35,7 @@ from trap2.data.prepare import (
 )
 from trap2.errors import DataError
 from trap2.suites.base import CosineHead, Split, Suite, Task
+from trap2.suites.make import make_suite
 
 NAME = "clip8"
 DATASETS = ("sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
@@ -215,7 +216,7 @@ def build_suite(folder: Path | None = None, model: str | os.PathLike[str] | None
         tasks[name] = Task(
             name, len(classes), splits["train"], splits["val"], splits["test"], head, meta["source"]
         )
-    return Suite(
+    return make_suite(
         name=NAME,
         tasks=tasks,
         make_backbone=lambda: load_image_encoder(path),

@@ -21,6 +21,7 @@ from trap2.errors import UpdateFileError
 from trap2.io import load_tensors
 from trap2.suites.base import Split, Suite, Task, prototype_head
 from trap2.suites.digits_model import DigitsViT, DigitsViTConfig
+from trap2.suites.make import make_suite
 
 ASSET = "digits_vit.safetensors"
 SPLIT_SEED = 20260121
@@ -100,7 +101,8 @@ def build_suite() -> Suite:
         head = prototype_head(backbone, parts["train"], n_classes, LOGIT_SCALE)
         tasks[name] = Task(name, n_classes, parts["train"], parts["val"], parts["test"], head, desc)
     _, meta = _asset()
-    return Suite(
+    return make_suite(
+        backbone=backbone,
         name="digits",
         tasks=tasks,
         make_backbone=load_backbone,

@@ -38,6 +38,7 @@ from trap2.data import sources
 from trap2.data.prepare import TaskSource, bigbench_source, load_prepared, prepare_task
 from trap2.io import file_sha256
 from trap2.suites.base import Suite, prototype_tasks
+from trap2.suites.make import make_suite
 from trap2.suites.minilm import FULL_FROZEN, encode_texts, load_encoder, weights_file
 
 NAME = "text-transformer"
@@ -148,7 +149,8 @@ def build_suite(folder: Path | None = None) -> Suite:
     backbone = load_encoder()
     prepared = {name: load_prepared(NAME, name, MAX_LEN, folder, "tok") for name in TASKS}
     tasks = prototype_tasks(backbone, prepared, LOGIT_SCALE)
-    return Suite(
+    return make_suite(
+        backbone=backbone,
         name=NAME,
         tasks=tasks,
         make_backbone=load_encoder,

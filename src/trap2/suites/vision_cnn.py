@@ -24,6 +24,7 @@ from trap2.data.prepare import TaskSource, bigbench_source, load_prepared, prepa
 from trap2.io import file_sha256
 from trap2.suites.base import Suite, prototype_tasks
 from trap2.suites.efficientnet import load_efficientnet_lite0, normalise, weights_path
+from trap2.suites.make import make_suite
 
 NAME = "vision-cnn"
 IMAGE_SIZE = 32
@@ -77,7 +78,8 @@ def build_suite(folder: Path | None = None) -> Suite:
     backbone = load_efficientnet_lite0()
     prepared = {name: load_prepared(NAME, name, IMAGE_SIZE, folder) for name in TASKS}
     tasks = prototype_tasks(backbone, prepared, LOGIT_SCALE, normalise)
-    return Suite(
+    return make_suite(
+        backbone=backbone,
         name=NAME,
         tasks=tasks,
         make_backbone=load_efficientnet_lite0,
