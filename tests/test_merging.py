@@ -214,3 +214,19 @@ def test_ties_model_scope_trims_the_weighted_members(names):
 def test_ties_model_scope_is_refused_outside_full_space(space):
     with pytest.raises(ConfigError, match="scope='model'.*full space"):
         merge_updates(_lora_updates(), "ties", space, scope="model")
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_knots_keeps_the_shape_of_tensors_no_lora_layer_holds(name):
+    """A ViT's class token (1, 1, d) and position table (1, n, d) of full fine-tunes: KnOTS merges them
+    in their own shape, and task arithmetic there equals the sum (it came back (1, n·d) before)."""
+    g = torch.Generator().manual_seed(0)
+    ups = [
+        Update({"cls": torch.randn(1, 1, 8, generator=g), "pos": torch.randn(1, 5, 8, generator=g)})
+        for _ in range(3)
+    ]
+    merged = merge_updates(ups, name, "knots").dense()
+    assert {k: tuple(v.shape) for k, v in merged.items()} == {"cls": (1, 1, 8), "pos": (1, 5, 8)}
+    if name == "ta":
+        for k in ("cls", "pos"):
+            torch.testing.assert_close(merged[k], sum(u.dense()[k] for u in ups), rtol=1e-4, atol=1e-5)

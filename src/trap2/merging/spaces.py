@@ -49,10 +49,13 @@ def _rank(s: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> int:
 
 
 def _as_low_rank(b: torch.Tensor, a: torch.Tensor, like: torch.Tensor) -> Delta:
-    """B (out, r) · A (r, in') as a LowRank shaped like ``like`` (conv kernels keep their dims)."""
+    """B (out, r) · A (r, in') as a LowRank shaped like ``like`` (conv kernels keep their dims); a tensor
+    that no LoRA layer holds (a 3-D class token or position table) comes back dense, in its own shape."""
     b32, a32 = b.to(torch.float32).contiguous(), a.to(torch.float32).contiguous()
     if like.dim() == 4:
         return LowRank(a32.reshape(a32.shape[0], *like.shape[1:]), b32[:, :, None, None], 1.0)
+    if like.dim() != 2:
+        return (b32 @ a32).reshape(like.shape)
     return LowRank(a32, b32, 1.0)
 
 
