@@ -256,6 +256,7 @@ def test_a_peft_adapter_trained_on_the_plain_model_applies_to_the_backbone(suite
 
 
 def test_a_datasets_folder_gives_its_splits(files, tmp_path):
+    pytest.importorskip("datasets", reason="the datasets package is not installed")
     from datasets import Dataset, DatasetDict
 
     rows = [colour(*p) for p in COLOURS]
@@ -356,9 +357,8 @@ def test_bad_input_is_a_one_line_error_naming_the_file_and_the_row(files, tmp_pa
         [TaskFiles("t", tmp_path / "rows.txt")],
     )
 
-    from datasets import Dataset
-
-    Dataset.from_list([{"prompt": "p", "reply": "a"}] * 4).save_to_disk(str(tmp_path / "ds"))
+    datasets = pytest.importorskip("datasets", reason="the datasets package is not installed")
+    datasets.Dataset.from_list([{"prompt": "p", "reply": "a"}] * 4).save_to_disk(str(tmp_path / "ds"))
     one_line_error(
         rf"{tmp_path / 'ds'} \[all\]: missing column 'answer'", model, [TaskFiles("t", tmp_path / "ds")]
     )
