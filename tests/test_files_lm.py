@@ -367,3 +367,28 @@ def test_bad_input_is_a_one_line_error_naming_the_file_and_the_row(files, tmp_pa
         lm_files_suite(tmp_path, [TaskFiles("t", files[3])])
     with pytest.raises(ConfigError, match="scoring 'top1'"):
         lm_files_suite(model, [TaskFiles("t", files[3])], scoring="top1")
+
+
+def test_the_demo_path_runs_on_the_files_suite(suite, tmp_path, monkeypatch):
+    """protect → merge → evaluate on the files suite: the pipeline scores with the tasks' own metrics."""
+    from trap2.demo import run_demo
+    from trap2.pipeline import DemoConfig
+    from trap2.suites import _BUILT
+
+    monkeypatch.setitem(_BUILT, "math", suite)  # get_suite("math") is this suite, as tests/test_math.py does
+    cfg = DemoConfig(
+        suite="math",
+        train=TrainConfig(steps=3, batch_size=4, eval_every=3, lora=LoraSettings(r=2, alpha=2)),
+        methods=("ta",),
+        spaces=("full",),
+        extra_searches=(),
+        scales=(0.5, 1.0, 2.0),
+    )
+    report = run_demo(cfg, tmp_path)
+    backbone = suite.make_backbone()
+    assert report["target"] == "capitals" and report["tasks"] == ["capitals", "colours"]
+    for name in report["tasks"]:
+        assert report["zero_shot"][name] == pytest.approx(accuracy(backbone, suite.task(name), "test"))
+    assert {a["protected"] for a in report["attacks"]} == {False, True}
+    accs = [v for a in report["attacks"] for v in a["acc"].values()] + report["scaling_curve"]["protected"]
+    assert all(0.0 <= v <= 1.0 for v in accs)
