@@ -134,7 +134,7 @@ def read_datasets_folder(folder: Path) -> dict[str, list[Example]]:
         raise DataError(f"{folder}: reading a datasets folder needs the 'datasets' package") from None
     try:
         loaded = load_from_disk(str(folder))
-    except (OSError, ValueError, FileNotFoundError) as e:
+    except (OSError, ValueError) as e:
         raise DataError(f"{folder}: not a loadable datasets folder ({e})") from None
     parts = {"all": loaded} if isinstance(loaded, Dataset) else dict(loaded)
     found = {}
