@@ -78,8 +78,9 @@ def image_folders(root, datasets, classes=("red_square", "green_circle", "blue")
     return root
 
 
-def tiny_llama(folder, texts, vocab_size=200):
-    """A 2-layer Llama and a byte-level BPE tokenizer trained on ``texts``."""
+def tiny_llama(folder, texts, vocab_size=200, **config):
+    """A 2-layer Llama and a byte-level BPE tokenizer trained on ``texts``; ``config`` overrides
+    ``LlamaConfig`` fields (e.g. a larger ``initializer_range``, so that a few LoRA steps move the loss)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -107,6 +108,7 @@ def tiny_llama(folder, texts, vocab_size=200):
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        **config,
     )
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)

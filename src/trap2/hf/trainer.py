@@ -228,9 +228,11 @@ class Trap2Mixin:
                 off_sum = off_sum + term.detach()
                 offs.append(float(off.detach()))
                 replay()
-            loss, outputs = super().compute_loss(
-                model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
+            # outputs only when asked: TRL's SFTTrainer recomputes the logits for them with another forward
+            nominal = super().compute_loss(
+                model, dict(inputs), return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+            loss, outputs = nominal if return_outputs else (nominal, None)
         m = self._trap2_metrics
         m["trap2_nominal_loss"].append(float(loss.detach()))
         m["trap2_off_nominal_loss"].append(sum(offs) / len(offs))

@@ -15,7 +15,8 @@ tokens of the answer (the prompt and padding are ignored, -100). The "head" is a
 the LM's logits and the task's loss the cross-entropy over the answer tokens (per sample: the mean over
 that sample's answer tokens), so every objective trains the answer tokens; full fine-tuning keeps the token
 embeddings and the LM head at W0. Evaluation decodes greedily from the prompt and compares the number
-after ``####`` with the reference.
+after ``####`` with the reference. The encoding, backbone and metric are :mod:`trap2.suites.causal_lm`'s,
+shared with the files suite for causal LMs.
 """
 
 from __future__ import annotations
@@ -23,13 +24,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.func import functional_call
 
 from trap2.data.prepare import (
     TaskSource,
@@ -41,6 +39,15 @@ from trap2.data.prepare import (
 )
 from trap2.errors import DataError
 from trap2.suites.base import CrossEntropy, Split, Suite, Task
+from trap2.suites.causal_lm import (
+    IGNORE,
+    CausalLMBackbone,
+    ExactMatch,
+    NextTokenHead,
+    encode_pairs,
+    load_causal_lm,
+    load_tokenizer,
+)
 
 NAME = "math"
 PROMPT = "Question: {question}\nAnswer:"
@@ -49,7 +56,6 @@ MAX_NEW_TOKENS = 256
 SIZES = (7000, 473, 1319)  # GSM8K: 7,473 train (val carved from it), 1,319 test
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FULL_FROZEN = ("lm.model.embed_tokens.", "lm.lm_head.")
-IGNORE = -100
 # the paper's Llama recipe (λ 1e-3, w = 1/√s); a GPU run
 RECIPES: dict[str, dict[str, object]] = {
     "lora": {
@@ -131,34 +137,15 @@ def task_source(name: str, root: Path) -> TaskSource:
 
 
 def tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: no loadable tokenizer ({e})") from None
-    if tok.eos_token_id is None:
-        raise DataError(f"{path}: the tokenizer has no EOS token")
-    return tok
+    return load_tokenizer(path)
 
 
 def encode_examples(rows, tok, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows → x (N, 2, max_len) [ids; mask], right-padded, and y (N, max_len - 1): y[t] is the target
-    for position t (the answer's next token), -100 on the prompt and padding."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    x = torch.full((len(rows), 2, max_len), 0, dtype=torch.int64)
-    x[:, 0] = pad
-    y = torch.full((len(rows), max_len - 1), IGNORE, dtype=torch.int64)
-    for i, row in enumerate(rows):
-        prompt = tok(PROMPT.format(question=row["question"]), add_special_tokens=True)["input_ids"]
-        answer = tok(" " + row["answer"].strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        if len(prompt) + 1 > max_len:
-            raise DataError(f"a prompt of {len(prompt)} tokens does not fit max_len={max_len}")
-        ids = (prompt + answer)[:max_len]
-        x[i, 0, : len(ids)] = torch.tensor(ids)
-        x[i, 1, : len(ids)] = 1
-        y[i, len(prompt) - 1 : len(ids) - 1] = torch.tensor(ids[len(prompt) :])
-    return x, y
+    """GSM8K rows → x (N, 2, max_len) [ids; mask] and y (N, max_len - 1) (see
+    :func:`trap2.suites.causal_lm.encode_pairs`): ``PROMPT`` + " " + answer + EOS, the answer cut at
+    ``max_len``."""
+    pairs = [(PROMPT.format(question=row["question"]), " " + row["answer"].strip()) for row in rows]
+    return encode_pairs(pairs, tok, max_len)
 
 
 def prepare(
@@ -177,103 +164,8 @@ def prepare(
     ]
 
 
-class CausalLMBackbone(nn.Module):
-    """A causal LM over ``(B, 2, L)`` [ids; mask] inputs (left or right padding) → logits (B, L, V)."""
-
-    def __init__(self, lm: nn.Module) -> None:
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, mask = x[:, 0], x[:, 1]
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        return self.lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-
-
-class NextTokenHead(nn.Module):
-    """Parameter-free: logits (B, L, V) → (B, V, L-1), the layout the task's ``CrossEntropy`` (and
-    ``F.cross_entropy``) takes with (B, L-1) next-token targets."""
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits[:, :-1].transpose(1, 2)
-
-
-@torch.no_grad()
-def greedy_answers(
-    backbone: nn.Module,
-    prompts: list[list[int]],
-    eos: int,
-    pad: int,
-    max_new_tokens: int,
-    params: Mapping[str, torch.Tensor] | None = None,
-) -> list[list[int]]:
-    """Greedy continuations of left-padded prompts (no KV cache: any parameter override works)."""
-    device = next(backbone.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    out: list[list[int]] = [[] for _ in prompts]
-    for _ in range(max_new_tokens):
-        x = torch.stack([ids, mask], dim=1)
-        logits = (
-            backbone(x) if params is None else functional_call(backbone, dict(params), (x,), strict=False)
-        )
-        nxt = logits[:, -1].argmax(-1)
-        for i in torch.nonzero(~done).flatten().tolist():
-            if int(nxt[i]) == eos:
-                done[i] = True
-            else:
-                out[i].append(int(nxt[i]))
-        if bool(done.all()):
-            break
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
-    return out
-
-
-class ExactMatch:
-    """A task's metric: greedy answer vs reference, compared on the number after ``####``."""
-
-    def __init__(self, tok, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16) -> None:
-        self.tok = tok
-        self.eos = tok.eos_token_id
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-
-    def __call__(self, backbone: nn.Module, split: Split, params: Mapping[str, torch.Tensor] | None) -> float:
-        was_training = backbone.training
-        backbone.eval()
-        prompts, gold = [], []
-        for x, y in zip(split.x, split.y, strict=True):
-            answer = torch.nonzero(y != IGNORE).flatten()
-            start = int(answer[0]) + 1  # y[t] is the target of position t: the answer starts at t + 1
-            prompts.append(x[0, :start].tolist())
-            gold.append(final_answer(self.tok.decode(x[0, start : start + len(answer)].tolist())))
-        correct = 0
-        for i in range(0, len(prompts), self.batch_size):
-            outs = greedy_answers(
-                backbone, prompts[i : i + self.batch_size], self.eos, self.pad, self.max_new_tokens, params
-            )
-            for o, g in zip(outs, gold[i : i + self.batch_size], strict=True):
-                correct += int(g is not None and final_answer(self.tok.decode(o)) == g)
-        backbone.train(was_training)
-        return correct / max(1, len(prompts))
-
-
 def load_backbone(path: Path) -> CausalLMBackbone:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not a loadable causal LM ({e})") from None
-    return CausalLMBackbone(lm).eval()
+    return load_causal_lm(path)
 
 
 def build_suite(
@@ -284,7 +176,7 @@ def build_suite(
 ) -> Suite:
     path = Path(model) if model is not None else model_path()
     tok = tokenizer(path)
-    metric = ExactMatch(tok, max_new_tokens)
+    metric = ExactMatch(tok, max_new_tokens, normalise=final_answer)
     prepared = sorted(
         p.name.rsplit("-", 1)[0] for p in ((folder or data_dir()) / NAME).glob(f"*-{max_len}tok.safetensors")
     )
