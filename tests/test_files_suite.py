@@ -542,7 +542,7 @@ def test_a_causal_lm_is_handed_to_the_lm_files_suite(tmp_path, monkeypatch):
     assert files_suite(tmp_path / "llama", tasks, seed=4, batch_size=8) == "lm-suite"
     (base, got, kw) = calls[0]
     assert base == tmp_path / "llama" and got == tasks
-    assert kw["scoring"] == "loglik" and kw["seed"] == 4 and kw["batch_size"] == 8
+    assert kw["scoring"] == "auto" and kw["seed"] == 4 and kw["batch_size"] == 8
     files_suite(tmp_path / "llama", tasks, scoring="exact")
     assert calls[1][2]["scoring"] == "exact"
 

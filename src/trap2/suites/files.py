@@ -299,7 +299,7 @@ def files_suite(
             base,
             tasks,
             name=name,
-            scoring="loglik" if scoring == "auto" else scoring,
+            scoring=scoring,  # "auto": loglik for 2–20 distinct answers, else exact (per task)
             seed=seed,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
