@@ -48,6 +48,7 @@ ScoringOpt = Annotated[
     typer.Option(help="with --base, causal LMs: loglik (answer log-likelihood), exact (generation) or auto"),
 ]
 BatchOpt = Annotated[int, typer.Option(help="with --base: batch size of the suite's feature and eval passes")]
+MaxLenOpt = Annotated[int, typer.Option(help="with --base: tokens per text (cut to it) or per prompt + answer (a longer one is refused)")]
 
 
 def _threads(n: int | None) -> None:
@@ -329,6 +330,7 @@ def audit(
     ] = None,
     device: DeviceOpt = None,
     batch_size: BatchOpt = 64,
+    max_len: MaxLenOpt = 128,
     fresh: Annotated[
         bool, typer.Option("--fresh", help="retrain the pool instead of reusing the cache")
     ] = False,
@@ -358,7 +360,7 @@ def audit(
     if base is not None:
         if suite is not None or pool:
             raise UnknownNameError("--base makes the suite from files: give --task specs, not --suite/--pool")
-        options = FilesOptions(scoring, seed or 0, batch_size, device or "cpu")
+        options = FilesOptions(scoring, seed or 0, batch_size, device or "cpu", max_len)
         with RichReporter() as reporter:
             report = run_files_audit(
                 base, tasks, cfg, out, protected=protected, update=update, options=options,
@@ -414,6 +416,7 @@ def bench(
     seed: Annotated[int, typer.Option(help="with --base: seed of the validation/test carving")] = 0,
     device: DeviceOpt = None,
     batch_size: BatchOpt = 64,
+    max_len: MaxLenOpt = 128,
     fresh: Annotated[bool, typer.Option("--fresh", help="redo every cell and retrain every update")] = False,
     config: ConfigOpt = None,
     threads: Threads = 0,
@@ -439,7 +442,7 @@ def bench(
         if base is not None:
             if suite is not None:
                 raise UnknownNameError("--base builds the suite from files: give --task specs, not --suite")
-            options = FilesOptions(scoring, seed, batch_size, device or "cpu")
+            options = FilesOptions(scoring, seed, batch_size, device or "cpu", max_len)
             summary = run_files_bench(
                 base, task or [], cfg, out, options=options, fresh=fresh, reporter=reporter
             )

@@ -62,12 +62,15 @@ class FilesOptions:
     seed: int = 0  # carving of validation/test data from files without their own splits
     batch_size: int = 64  # batch size of the suite's feature and evaluation passes
     device: str = "cpu"  # where the suite computes its heads ('auto': CUDA when available)
+    max_len: int = 128  # tokens per text (classification) or prompt + answer (causal LM)
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
             raise ConfigError(f"--scoring {self.scoring!r}: valid: {', '.join(SCORINGS)}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if self.max_len < 2:
+            raise ConfigError(f"--max-len must be ≥ 2, got {self.max_len}")
 
 
 def build_suite(base: Path, tasks: Sequence[TaskFiles], options: FilesOptions) -> Suite:
@@ -83,6 +86,7 @@ def build_suite(base: Path, tasks: Sequence[TaskFiles], options: FilesOptions) -
         scoring=options.scoring,
         seed=options.seed,
         batch_size=options.batch_size,
+        max_len=options.max_len,
         device=str(resolve_device(options.device)),
     )
 
