@@ -66,3 +66,19 @@ def test_audit_refuses_updates_that_do_not_fit(released, tmp_path):
         run_audit(tmp_path / "anon", cfg, tmp_path / "r")
     with pytest.raises(Exception, match="unknown task"):
         run_audit(tmp_path / "anon", cfg, tmp_path / "r", task="nope")
+
+
+def test_audit_merges_the_pool_the_config_names(released, tmp_path):
+    """``tasks`` in the audit's config is the pool (it was ignored: every task of the suite was trained)."""
+    cfg = DemoConfig(
+        train=FAST,
+        tasks=("rot90", "flip", "invert"),
+        methods=("ta",),
+        spaces=("full",),
+        extra_searches=(),
+        scales=(1.0,),
+    )
+    report = run_audit(released / "prot", cfg, tmp_path, pool=[released / "flip"])
+    assert report["tasks"] == ["rot90", "flip", "invert"]
+    assert report["pool"] == {"rot90": "trained", "flip": "given", "invert": "trained"}
+    assert all(set(a["acc"]) == {"rot90", "flip", "invert", "mean"} for a in report["attacks"])

@@ -54,7 +54,7 @@ def run_audit(
     t0 = time.perf_counter()
     reporter = reporter or LogReporter()
     out = Path(out)
-    suite = suite if suite is not None else get_suite(cfg.suite)
+    suite = (suite if suite is not None else get_suite(cfg.suite)).subset(cfg.tasks)
     tasks = suite.task_names
     audited = load_update(update_path)
     if task is not None:
