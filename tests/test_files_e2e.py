@@ -1,0 +1,381 @@
+"""End to end: ``trap2 audit --base MODEL_DIR --task NAME=ADAPTER:DATA`` on tiny random HF models saved to
+tmp_path, with adapters trained here as a publisher would — PEFT LoRA on the plain transformers model with
+transformers' ``Trainer``, the protected one with ``trap2.hf.Trap2Trainer`` — and data files written here
+in each format the files suite reads (JSONL, CSV text pairs, ImageFolder trees with and without split
+folders, a ``datasets`` save_to_disk folder).
+
+Each audit must write its report, show the protected adapter's scaling curve collapsed off s = 1 and the
+plain adapter's not, and hold the merge matrix for both pools (the given adapters, nothing trained). Bad
+input must stop the command with a one-line error naming the file (and the row) before anything is
+written. The adapters are trained on rows drawn apart from the audit's data (another seed)."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from PIL import Image
+from torch import nn
+
+from trap2 import cli
+from trap2.suites.files import TaskFiles, files_suite
+
+CLASSES = {
+    "mood": {
+        "pos": "good great nice fine happy lovely",
+        "neg": "bad awful poor sad ugly grim",
+        "mid": "plain okay fair average usual moderate",
+    },
+    "topic": {
+        "sport": "ball goal match team coach score",
+        "food": "bread soup rice cake meal taste",
+        "tech": "phone code chip robot laptop app",
+    },
+}
+FILLER = ["the", "a", "movie", "film", "was", "is", "very", "quite", "today", "my"]
+SCALES = [0.5, 1.0, 2.0]
+AUDIT_YAML = f"extra_searches: []\nscales: {SCALES}\n"  # the curve at 0.5, 1, 2; global searches only
+METHODS = ("ta", "ties")
+STEPS, LR = 150, 1e-2  # LoRA steps of every adapter (batch 16)
+# Trap²'s λ, enough to collapse the curve of these tiny models within STEPS: λ goes with the loss scale,
+# which the prototype heads' cosine logits (× 50) make larger
+LAMBDA = {"own head": 0.3, "prototypes": 0.1}
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def sentences(task, n, seed):
+    """``n`` rows per class of ``task``: three filler words and two words of the class, shuffled."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, words in CLASSES[task].items():
+        for _ in range(n):
+            w = [*rng.choice(FILLER, 3), *rng.choice(words.split(), 2)]
+            rng.shuffle(w)
+            rows.append({"text": " ".join(w), "label": label})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_csv(path, rows):
+    import csv
+
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def pairs(task, n, seed):
+    """Text pairs: the class sentence as ``text_a``, a filler sentence as ``text_b``."""
+    rng = np.random.default_rng(seed + 100)
+    return [
+        {"text_a": r["text"], "text_b": " ".join(rng.choice(FILLER, 3)), "label": r["label"]}
+        for r in sentences(task, n, seed)
+    ]
+
+
+def label_ids(rows, task):
+    names = sorted(CLASSES[task])  # the suite maps class names to ids in sorted order
+    return [names.index(r["label"]) for r in rows]
+
+
+IMAGE_CLASSES = {
+    "colour": ("blue", "green", "red"),
+    "light": ("bright", "dark"),
+}
+
+
+def image(task, label, rng):
+    """A 16×16 RGB image whose class shows: the dominant channel (colour) or the brightness (light)."""
+    if task == "colour":
+        img = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+        img[..., 2 - IMAGE_CLASSES["colour"].index(label)] = 220  # blue → channel 2, red → 0
+        return img
+    lo, hi = (170, 255) if label == "bright" else (0, 85)
+    return rng.integers(lo, hi, (16, 16, 3), dtype=np.uint8)
+
+
+def image_folder(root, task, n, seed):
+    """``root/<class>/<i>.png``, ``n`` per class."""
+    rng = np.random.default_rng(seed)
+    for c in IMAGE_CLASSES[task]:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(image(task, c, rng)).save(root / c / f"{i}.png")
+    return root
+
+
+# --- models -------------------------------------------------------------------------------------------
+
+
+def word_tokenizer(folder):
+    """A word-level BERT-style tokenizer ([CLS] a [SEP] b [SEP], token types) over the tests' words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    words = sorted({w for t in CLASSES.values() for ws in t.values() for w in ws.split()} | set(FILLER))
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )  # fmt: skip
+    tok.save_pretrained(folder)
+    return tok
+
+
+def bert_config(**kw):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        initializer_range=0.2, **kw,
+    )  # fmt: skip
+
+
+def save_bert_classifier(folder, seed=0, **kw):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    BertForSequenceClassification(bert_config(num_labels=3, **kw)).save_pretrained(folder)
+    return word_tokenizer(folder)
+
+
+def save_vit_classifier(folder, seed=0):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    cfg = ViTConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=16,
+        patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    ViTForImageClassification(cfg).save_pretrained(folder)
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    processor.save_pretrained(folder)
+    return processor
+
+
+def lora(model, seed, targets):
+    torch.manual_seed(seed)  # the LoRA A's initialisation
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+
+
+class PooledHead(nn.Module):
+    """A (PEFT-wrapped) text encoder without a classifier, trained under a frozen head on its masked-mean
+    features — the features and head trap2's files suite scores an encoder with."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head.requires_grad_(False)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None):
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state  # (B, L, d)
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        logits = self.head((hidden * m).sum(1) / m.sum(1).clamp_min(1.0))
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def fit(model, examples, out, *, seed, lam=None, module=None, task=None, steps=STEPS):
+    """Train ``model`` with transformers' Trainer (plain) or Trap2Trainer (``lam`` given) and save the
+    adapter of ``module`` (default: the model) to ``out``: PEFT's save_pretrained, or save_update."""
+    from transformers import Trainer, TrainingArguments
+
+    from trap2.hf import Trap2Trainer, Trap2TrainingArguments
+
+    args = dict(
+        output_dir=str(out.parent / f"{out.name}-run"), max_steps=steps, per_device_train_batch_size=16,
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, seed=seed, report_to=[],
+        save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+        remove_unused_columns=False,
+    )  # fmt: skip
+    module = model if module is None else module
+    if lam is None:
+        Trainer(model=model, args=TrainingArguments(**args), train_dataset=examples).train()
+        module.save_pretrained(out)
+    else:
+        trainer = Trap2Trainer(
+            model=model, args=Trap2TrainingArguments(**args, trap2_lambda=lam), train_dataset=examples
+        )
+        trainer.train()
+        trainer.save_update(out, module=module, task=task)
+    return out
+
+
+def text_examples(tok, rows, task):
+    enc = tok([r["text"] for r in rows], padding=True)
+    ids = label_ids(rows, task)
+    return [{"input_ids": a, "attention_mask": m, "labels": y} for a, m, y in zip(
+        enc["input_ids"], enc["attention_mask"], ids, strict=True)]  # fmt: skip
+
+
+# --- the CLI -------------------------------------------------------------------------------------------
+
+
+def run_cli(monkeypatch, capsys, *args):
+    """``trap2 ARGS`` in this process through the CLI's own entry point: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["trap2", *map(str, args)])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    got = capsys.readouterr()
+    return code, got.out, got.err
+
+
+def audit_args(base, update, tasks, out, config):
+    """``trap2 audit UPDATE --base BASE --task NAME=ADAPTER:DATA ... --protected <first task>``, with a
+    small matrix (ta and ties in the full space)."""
+    specs = [a for name, (adapter, data) in tasks.items() for a in ("--task", f"{name}={adapter}:{data}")]
+    return [
+        "audit", update, "--base", base, *specs, "--protected", next(iter(tasks)),
+        "--methods", ",".join(METHODS), "--spaces", "full", "--config", config, "--out", out, "--threads", "1",
+    ]  # fmt: skip
+
+
+def audit(monkeypatch, capsys, tmp_path, base, update, tasks):
+    """Run the audit of ``update`` (the first task's protected adapter) and check what every audit must
+    show: report written, nothing trained, the protected curve collapsed off s = 1 and the plain one not,
+    the merge matrix for both pools. Returns the report."""
+    config = tmp_path / "audit.yaml"
+    config.write_text(AUDIT_YAML)
+    out = tmp_path / "audit"
+    code, stdout, err = run_cli(monkeypatch, capsys, *audit_args(base, update, tasks, out, config))
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    target = next(iter(tasks))
+    assert (out / "report.md").is_file() and "trap2 audit" in stdout
+    assert report["target"] == target and report["tasks"] == list(tasks)
+    assert report["audited"] == str(update) and report["audited_meta"]["task"] == target
+    assert report["pool"] == {t: "given" for t in tasks} and not (out / "updates").exists()
+
+    curve = report["scaling_curve"]
+    assert curve["s"] == SCALES
+    prot, plain = curve["protected"], curve["unprotected"]
+    chance = 1.0 / len(CLASSES.get(target, IMAGE_CLASSES.get(target, ())))
+    assert plain[1] >= chance + 0.35 and prot[1] >= chance + 0.35, curve  # both adapters learnt the task
+    assert max(prot[0], prot[2]) <= chance + 0.15, curve  # Trap²: off s = 1 the adapter falls to chance
+    assert (plain[0] + plain[2]) / 2 >= chance + 0.25, curve  # a plain LoRA keeps working when scaled
+    assert report["standalone"]["protected"][target] == pytest.approx(prot[1])
+
+    cells = {(a["method"], a["space"], a["protected"]) for a in report["attacks"]}
+    assert cells == {(m, "full", p) for m in METHODS for p in (False, True)}  # both pools, each cell
+    for a in report["attacks"]:
+        assert set(a["acc"]) == {*tasks, "mean"} and all(0.0 <= v <= 1.0 for v in a["acc"].values())
+    return report
+
+
+# --- each kind of model ----------------------------------------------------------------------------------
+
+
+def test_audit_a_sequence_classifier_with_jsonl_and_a_datasets_folder(tmp_path, monkeypatch, capsys):
+    """BERT with its own classifier head; task mood from a JSONL file (val/test carved), task topic from
+    a DatasetDict saved with save_to_disk (its own splits)."""
+    datasets = pytest.importorskip("datasets")
+    from transformers import BertForSequenceClassification
+
+    base = tmp_path / "bert-cls"
+    tok = save_bert_classifier(base)
+    mood = write_jsonl(tmp_path / "mood.jsonl", sentences("mood", 60, seed=1))
+    topic = tmp_path / "topic-ds"
+    rows = sentences("topic", 30, seed=1)
+    datasets.DatasetDict(
+        {s: datasets.Dataset.from_list(rows[i::3]) for i, s in enumerate(("train", "validation", "test"))}
+    ).save_to_disk(str(topic))
+
+    def adapter(task, seed, lam=None):
+        model = lora(BertForSequenceClassification.from_pretrained(base), seed, ("query", "value", "dense"))
+        examples = text_examples(tok, sentences(task, 60, seed=0), task)
+        return fit(model, examples, tmp_path / f"{task}-{seed}", seed=seed, lam=lam, task=task)
+
+    lam = LAMBDA["own head"]
+    plain_mood, plain_topic, protected = adapter("mood", 0), adapter("topic", 1), adapter("mood", 2, lam)
+    report = audit(
+        monkeypatch, capsys, tmp_path, base, protected, {"mood": (plain_mood, mood), "topic": (plain_topic, topic)}
+    )
+    assert report["suite"] == "files-bert-cls"
+
+
+def test_audit_an_encoder_with_prototype_heads_on_csv_pairs(tmp_path, monkeypatch, capsys):
+    """A plain BERT encoder: no head of its own, so the suite scores it with frozen class-mean prototypes
+    of its W0 features; the publisher trains under those heads (files_suite's, the library API) with the
+    pairs text_a/text_b of a CSV file."""
+    from transformers import BertModel
+
+    base = tmp_path / "bert"
+    torch.manual_seed(1)
+    BertModel(bert_config()).save_pretrained(base)
+    word_tokenizer(base)
+    data = {t: write_csv(tmp_path / f"{t}.csv", pairs(t, 60, seed=1)) for t in ("mood", "topic")}
+    suite = files_suite(base, [TaskFiles(t, d) for t, d in data.items()])  # the audit's own heads
+
+    def adapter(task, seed, lam=None):
+        encoder = lora(BertModel.from_pretrained(base), seed, ("query", "value", "dense"))
+        split = suite.task(task).train
+        x = split.x[:, :, : int(split.x[:, 1].sum(1).max())]  # (N, 3, L): ids, mask, token types
+        examples = [
+            {"input_ids": a, "attention_mask": m, "token_type_ids": t, "labels": y}
+            for (a, m, t), y in zip(x, split.y, strict=True)
+        ]
+        model = PooledHead(encoder, suite.task(task).head)
+        return fit(model, examples, tmp_path / f"{task}-{seed}", seed=seed, lam=lam, module=encoder, task=task)
+
+    lam = LAMBDA["prototypes"]
+    plain_mood, plain_topic, protected = adapter("mood", 0), adapter("topic", 1), adapter("mood", 2, lam)
+    tasks = {t: (a, data[t]) for t, a in (("mood", plain_mood), ("topic", plain_topic))}
+    report = audit(monkeypatch, capsys, tmp_path, base, protected, tasks)
+    assert report["audited_meta"]["base_fingerprint"]  # save_update recorded the base it was made on
+
+
+def test_audit_a_vit_on_image_folders(tmp_path, monkeypatch, capsys):
+    """A ViT image classifier with its own head and image processor; task colour from an ImageFolder tree
+    (val/test carved), task light from a tree with train/val/test folders."""
+    from transformers import ViTForImageClassification
+
+    from trap2.hf.targets import default_lora_targets
+
+    base = tmp_path / "vit"
+    processor = save_vit_classifier(base)
+    colour = image_folder(tmp_path / "colour", "colour", 20, seed=1)
+    light = tmp_path / "light"
+    for i, (split, n) in enumerate((("train", 12), ("val", 4), ("test", 6))):
+        image_folder(light / split, "light", n, seed=10 + i)
+
+    def adapter(task, seed, lam=None):
+        hf = ViTForImageClassification.from_pretrained(base)
+        model = lora(hf, seed, default_lora_targets(hf))
+        rng = np.random.default_rng(0)  # the publisher's own training images
+        names = IMAGE_CLASSES[task]
+        images = [(Image.fromarray(image(task, c, rng)), y) for y, c in enumerate(names) for _ in range(20)]
+        pixels = processor([im for im, _ in images], return_tensors="pt")["pixel_values"]
+        examples = [{"pixel_values": p, "labels": y} for p, (_, y) in zip(pixels, images, strict=True)]
+        return fit(model, examples, tmp_path / f"{task}-{seed}", seed=seed, lam=lam, task=task)
+
+    plain_colour, plain_light, protected = (
+        adapter("colour", 0), adapter("light", 1), adapter("colour", 2, LAMBDA["own head"])
+    )  # fmt: skip
+    tasks = {"colour": (plain_colour, colour), "light": (plain_light, light)}
+    report = audit(monkeypatch, capsys, tmp_path, base, protected, tasks)
+    assert report["suite"] == "files-vit"
