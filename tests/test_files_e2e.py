@@ -145,10 +145,10 @@ def word_tokenizer(folder):
 def bert_config(**kw):
     from transformers import BertConfig
 
+    sizes = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
     return BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        initializer_range=0.2, **kw,
+        vocab_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        initializer_range=0.2, **{**sizes, **kw},
     )  # fmt: skip
 
 
@@ -313,7 +313,12 @@ def test_audit_a_sequence_classifier_with_jsonl_and_a_datasets_folder(tmp_path, 
     lam = LAMBDA["own head"]
     plain_mood, plain_topic, protected = adapter("mood", 0), adapter("topic", 1), adapter("mood", 2, lam)
     report = audit(
-        monkeypatch, capsys, tmp_path, base, protected, {"mood": (plain_mood, mood), "topic": (plain_topic, topic)}
+        monkeypatch,
+        capsys,
+        tmp_path,
+        base,
+        protected,
+        {"mood": (plain_mood, mood), "topic": (plain_topic, topic)},
     )
     assert report["suite"] == "files-bert-cls"
 
@@ -340,7 +345,9 @@ def test_audit_an_encoder_with_prototype_heads_on_csv_pairs(tmp_path, monkeypatc
             for (a, m, t), y in zip(x, split.y, strict=True)
         ]
         model = PooledHead(encoder, suite.task(task).head)
-        return fit(model, examples, tmp_path / f"{task}-{seed}", seed=seed, lam=lam, module=encoder, task=task)
+        return fit(
+            model, examples, tmp_path / f"{task}-{seed}", seed=seed, lam=lam, module=encoder, task=task
+        )
 
     lam = LAMBDA["prototypes"]
     plain_mood, plain_topic, protected = adapter("mood", 0), adapter("topic", 1), adapter("mood", 2, lam)
@@ -379,3 +386,102 @@ def test_audit_a_vit_on_image_folders(tmp_path, monkeypatch, capsys):
     tasks = {"colour": (plain_colour, colour), "light": (plain_light, light)}
     report = audit(monkeypatch, capsys, tmp_path, base, protected, tasks)
     assert report["suite"] == "files-vit"
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+
+def random_adapter(model, folder, seed, targets):
+    """A PEFT LoRA adapter with random B (so it changes the model), saved without training."""
+    model = lora(model, seed, targets)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Model folders, good data and adapters, and every bad input (a name → its path)."""
+    from transformers import BertForSequenceClassification, ViTForImageClassification
+
+    root = tmp_path_factory.mktemp("zoo")
+    z = {"root": root, "bert": root / "bert-cls", "other": root / "other-cls", "wide": root / "wide-cls"}
+    tok = save_bert_classifier(z["bert"])
+    save_bert_classifier(z["other"], seed=5)  # the same architecture, other weights
+    save_bert_classifier(z["wide"], hidden_size=32, intermediate_size=64)
+    targets = ("query", "value")
+    for task, seed in (("mood", 0), ("topic", 1)):
+        z[task] = write_jsonl(root / f"{task}.jsonl", sentences(task, 10, seed=1))
+        hf = BertForSequenceClassification.from_pretrained(z["bert"])
+        z[f"{task}-adapter"] = random_adapter(hf, root / f"{task}-adapter", seed, targets)
+    # a release for the other base, as Trap2Trainer.save_update writes it (it records the base)
+    hf = BertForSequenceClassification.from_pretrained(z["other"])
+    examples = text_examples(tok, sentences("topic", 4, seed=0), "topic")
+    z["other-adapter"] = fit(lora(hf, 2, targets), examples, root / "other-adapter", seed=2, lam=0.3, steps=2)
+    hf = BertForSequenceClassification.from_pretrained(z["wide"])
+    z["wide-adapter"] = random_adapter(hf, root / "wide-adapter", 3, targets)
+
+    rows = sentences("mood", 10, seed=2)
+    rows[4] = {"txt": rows[4]["text"], "label": rows[4]["label"]}  # line 5
+    z["missing-column"] = write_jsonl(root / "missing-column.jsonl", rows)
+    rows = sentences("mood", 10, seed=2)
+    rows = [{"text": r["text"], "label": y} for r, y in zip(rows, label_ids(rows, "mood"), strict=True)]
+    rows[6]["label"] = 3  # line 7: the model has 3 labels
+    z["out-of-range"] = write_jsonl(root / "out-of-range.jsonl", rows)
+    z["empty-split"] = root / "empty-split"
+    write_jsonl(z["empty-split"] / "train.jsonl", sentences("mood", 10, seed=3))
+    (z["empty-split"] / "validation.jsonl").write_text("\n")
+
+    z["vit"] = root / "vit"
+    save_vit_classifier(z["vit"])
+    hf = ViTForImageClassification.from_pretrained(z["vit"])
+    z["colour-adapter"] = random_adapter(hf, root / "colour-adapter", 4, ("q_proj", "v_proj"))
+    z["light"] = image_folder(root / "light", "light", 6, seed=1)
+    z["broken-images"] = image_folder(root / "broken-images", "colour", 6, seed=1)
+    (z["broken-images"] / "red" / "broken.png").write_bytes(b"not a png")
+    return z
+
+
+BAD = {
+    # case: (base, [(task, adapter, data)], the error's text after "error: ")
+    "missing column": (
+        "bert", [("mood", "mood-adapter", "missing-column"), ("topic", "topic-adapter", "topic")],
+        "{missing-column}:5: missing column 'text'",
+    ),
+    "label out of range": (
+        "bert", [("mood", "mood-adapter", "out-of-range"), ("topic", "topic-adapter", "topic")],
+        "{out-of-range}:7: label 3 is out of range for a model with 3 labels",
+    ),
+    "adapter for another base": (
+        "bert", [("mood", "mood-adapter", "mood"), ("topic", "other-adapter", "topic")],
+        "{other-adapter}: made for base ",
+    ),
+    "adapter for another architecture": (
+        "bert", [("mood", "mood-adapter", "mood"), ("topic", "wide-adapter", "topic")],
+        "{wide-adapter}: tensor 'bert.encoder.layer.0.attention.self.query.weight' has shape (32, 32)",
+    ),
+    "unreadable image": (
+        "vit", [("colour", "colour-adapter", "broken-images"), ("light", "", "light")],
+        "{broken-images}/red/broken.png: not a readable image",
+    ),
+    "empty split": (
+        "bert", [("mood", "mood-adapter", "empty-split"), ("topic", "topic-adapter", "topic")],
+        "{empty-split}/validation.jsonl: empty split",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_stops_the_audit_with_one_line_naming_the_file(case, zoo, monkeypatch, capsys, tmp_path):
+    base, tasks, message = BAD[case]
+    specs = [a for t, adapter, data in tasks for a in ("--task", f"{t}={zoo.get(adapter, '')}:{zoo[data]}")]
+    out = tmp_path / "audit"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "audit", "--base", zoo[base], *specs, "--protected", tasks[0][0],
+        "--methods", "ta", "--spaces", "full", "--out", out,
+    )  # fmt: skip
+    want = "error: " + message.format_map(zoo)
+    assert code == 2 and err.startswith(want) and err.count("\n") == 1, err
+    assert not out.exists()  # refused before anything is trained or written
