@@ -485,3 +485,23 @@ def test_bad_input_stops_the_audit_with_one_line_naming_the_file(case, zoo, monk
     want = "error: " + message.format_map(zoo)
     assert code == 2 and err.startswith(want) and err.count("\n") == 1, err
     assert not out.exists()  # refused before anything is trained or written
+
+
+def test_a_text_longer_than_the_models_positions_is_truncated(zoo, tmp_path):
+    """The suite's max_len (128 by default, as the CLI builds it) is capped at the model's 64 positions:
+    a 100-word row is cut, not an index error in the middle of the audit."""
+    from trap2.eval import accuracy
+
+    rows = sentences("mood", 10, seed=4)
+    rows[0]["text"] = " ".join(["good"] * 100)
+    suite = files_suite(zoo["bert"], [TaskFiles("t", write_jsonl(tmp_path / "long.jsonl", rows))])
+    task = suite.task("t")
+    assert suite.info["max_len"] == 64 and {task.split(s).x.shape[-1] for s in ("train", "val", "test")} == {
+        64
+    }
+    assert (
+        int(max(task.split(s).x[:, 1].sum(1).max() for s in ("train", "val", "test"))) == 64
+    )  # the long row
+    backbone = suite.make_backbone()
+    for split in ("train", "val", "test"):
+        assert 0.0 <= accuracy(backbone, task, split) <= 1.0
