@@ -322,6 +322,21 @@ def test_audit_a_sequence_classifier_with_jsonl_and_a_datasets_folder(tmp_path, 
     )
     assert report["suite"] == "files-bert-cls"
 
+    # the README's command: the protected adapter given as its task's, whose plain reference the audit
+    # trains on the task's data (trap2's own loop on the files suite) while the other task's is given
+    out = tmp_path / "audit-readme"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "audit", "--base", base, "--task", f"mood={protected}:{mood}",
+        "--task", f"topic={plain_topic}:{topic}", "--protected", "mood", "--steps", "60", "--methods", "ta",
+        "--spaces", "full", "--config", tmp_path / "audit.yaml", "--out", out, "--threads", "1",
+    )  # fmt: skip
+    assert code == 0, err
+    again = json.loads((out / "report.json").read_text())
+    assert again["pool"] == {"mood": "trained", "topic": "given"} and any((out / "updates").iterdir())
+    assert again["scaling_curve"]["protected"] == report["scaling_curve"]["protected"]  # the same adapter
+    assert again["standalone"]["unprotected"]["topic"] == report["standalone"]["unprotected"]["topic"]
+    assert again["standalone"]["unprotected"]["mood"] > 0.5  # the trained reference learnt the task
+
 
 def test_audit_an_encoder_with_prototype_heads_on_csv_pairs(tmp_path, monkeypatch, capsys):
     """A plain BERT encoder: no head of its own, so the suite scores it with frozen class-mean prototypes
