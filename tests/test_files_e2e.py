@@ -520,3 +520,28 @@ def test_a_text_longer_than_the_models_positions_is_truncated(zoo, tmp_path):
     backbone = suite.make_backbone()
     for split in ("train", "val", "test"):
         assert 0.0 <= accuracy(backbone, task, split) <= 1.0
+
+
+def test_bench_on_a_model_folder_trains_the_protected_update_over_the_given_pool(
+    zoo, monkeypatch, capsys, tmp_path
+):
+    """``trap2 bench --base``: the files suite's target trained plain and protected by trap2's loop, the
+    other task's adapter given; the bench table and the target's report written."""
+    (tmp_path / "bench.yaml").write_text(
+        f"modes: [lora]\nlora: {{mode: lora, steps: 30, eval_every: 30}}\nmethods: [ta]\nscales: {SCALES}\n"
+    )
+    out = tmp_path / "bench"
+    code, stdout, err = run_cli(
+        monkeypatch, capsys, "bench", "--base", zoo["bert"], "--task", f"mood=:{zoo['mood']}",
+        "--task", f"topic={zoo['topic-adapter']}:{zoo['topic']}", "--protected", "mood",
+        "--config", tmp_path / "bench.yaml", "--out", out, "--threads", "1",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads((out / "bench.json").read_text())["targets"] == ["mood"] and "# trap2 bench" in stdout
+    report = json.loads((out / "lora" / "mood" / "report.json").read_text())
+    assert report["suite"] == "files-bert-cls" and report["pool"] == {"mood": "trained", "topic": "given"}
+    assert {(a["method"], a["protected"]) for a in report["attacks"]} == {("ta", False), ("ta", True)}
+    trained = sorted(
+        p.name.removeprefix("files-bert-cls-").split("-")[:3] for p in (out / "updates").iterdir()
+    )
+    assert trained == [["mood", "lora", "none"], ["mood", "lora", "trap2"]]  # topic's adapter was given
