@@ -5,9 +5,10 @@ in each format the files suite reads (JSONL, CSV text pairs, ImageFolder trees w
 folders, a ``datasets`` save_to_disk folder).
 
 Each audit must write its report, show the protected adapter's scaling curve collapsed off s = 1 and the
-plain adapter's not, and hold the merge matrix for both pools (the given adapters, nothing trained). Bad
-input must stop the command with a one-line error naming the file (and the row) before anything is
-written. The adapters are trained on rows drawn apart from the audit's data (another seed)."""
+plain adapter's not, and hold the merge matrix for both pools (every adapter given: nothing trained; the
+README's form, where the audit trains the protected task's plain reference, and ``trap2 bench --base`` run
+too). Bad input must stop the command with a one-line error naming the file (and the row) before anything
+is written. The adapters are trained on rows drawn apart from the audit's data (another seed)."""
 
 import json
 import sys
