@@ -193,6 +193,17 @@ def _tokenizer(base: Path) -> Any:
     return tok
 
 
+def text_length(max_len: int, config: Any, tok: Any) -> int:
+    """``max_len`` capped at the longest input the model takes (its position table, its tokenizer's
+    limit), so a long text is truncated instead of overrunning the position embeddings."""
+    limits = (
+        max_len,
+        getattr(config, "max_position_embeddings", None),
+        getattr(tok, "model_max_length", None),
+    )
+    return min(int(v) for v in limits if isinstance(v, int) and v > 0)
+
+
 def encode_text(tok: Any, records: Records, max_len: int) -> torch.Tensor:
     """Rows' texts → int64 (N, 2, max_len) [ids; mask], or (N, 3, max_len) with token types for pairs."""
     values = texts(records)
@@ -316,6 +327,7 @@ def files_suite(
     template = HFBackbone(_load_model(base, kind, config), modality, own_head, batch_size)
     if modality == "text":
         tok = _tokenizer(base)
+        max_len = text_length(max_len, config, tok)
         encode: Any = lambda records: encode_text(tok, records, max_len)  # noqa: E731
     else:
         encode = ImageEncoder(base, config)
