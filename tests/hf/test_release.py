@@ -27,6 +27,7 @@ def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
 
 
 def train(model, tmp_path, mode):
+    """``mode``: 'lora' wraps the model in a LoRA adapter, 'full' trains it whole, 'none' as given."""
     if mode == "lora":
         model = get_peft_model(model, lora_config(model, r=4, alpha=8))
     gen = torch.Generator().manual_seed(0)
@@ -68,3 +69,25 @@ def test_in_memory_base_is_fingerprinted_from_its_weights_and_another_base_refus
     # a bf16 base and its float32 upcast are the same base
     half = {n: t.bfloat16() for n, t in w0.items()}
     assert weights_fingerprint(half) == weights_fingerprint({n: t.float() for n, t in half.items()})
+
+
+def test_a_wrapper_around_the_released_model_still_records_the_folder_fingerprint(tmp_path):
+    """A pooling/head module around the PEFT model (what the Trainer is given) has no model folder of its
+    own; the release (``module``) does, and its folder's file hash is what a suite records."""
+    tiny_bert().save_pretrained(tmp_path / "base")
+    peft = get_peft_model(
+        BertForSequenceClassification.from_pretrained(tmp_path / "base"),
+        lora_config(tiny_bert(), r=4, alpha=8),
+    )
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, labels=None):
+            return self.inner(input_ids=input_ids, labels=labels)
+
+    trainer = train(Wrapper(peft), tmp_path, "none")
+    update = load_update(trainer.save_update(tmp_path / "u", module=peft, task="sst"))
+    assert update.meta["base_fingerprint"] == folder_fingerprint(tmp_path / "base")

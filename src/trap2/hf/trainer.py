@@ -384,10 +384,11 @@ def base_fingerprint_of(
     from trap2.data.prepare import weights_fingerprint as folder_fingerprint
     from trap2.updates import PEFT_PREFIX, weights_fingerprint
 
-    folder = _source_folder(model)
+    module = model if module is None else module
+    # the released part first: a wrapper (a pooling or head module around the PEFT model) has no folder
+    folder = _source_folder(module) or _source_folder(model)
     if folder is not None:
         return folder_fingerprint(folder)
-    module = model if module is None else module
     state = {}
     for name, p in module.named_parameters():
         if ".lora_" in name:
