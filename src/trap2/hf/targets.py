@@ -47,7 +47,9 @@ def default_lora_targets(model: nn.Module) -> list[str]:
                     f"no {'/'.join(targets)} nn.Linear layers in {type(model).__name__} (already adapted?)"
                 )
             return found
-        return list(targets)
+        # the names of the model's own transformers version (ViT renamed its layers in transformers 5)
+        present = {n for n, _ in model.named_modules()}
+        return [t for t in targets if any(n == t or n.endswith("." + t) for n in present)] or list(targets)
     names = [
         n
         for n, m in model.named_modules()

@@ -38,6 +38,7 @@ from trap2.data.files import Labels, Records, complete_splits, label_ids, read_d
 from trap2.data.prepare import weights_fingerprint
 from trap2.errors import ConfigError, DataError
 from trap2.suites.base import Split, Suite, Task, prototype_head
+from trap2.suites.make import make_suite
 from trap2.suites.minilm import _quiet_transformers
 
 log = logging.getLogger(__name__)
@@ -349,10 +350,11 @@ def files_suite(
     full_frozen = _embedding_prefix(template) if modality == "text" else ()
     from trap2.hf.targets import default_lora_targets
 
-    return Suite(
+    return make_suite(
         name=name or f"files-{base.name}",
         tasks=built,
         make_backbone=lambda: copy.deepcopy(template),
+        backbone=template,
         lora_targets=tuple(default_lora_targets(template)),
         default_target=tasks[0].name,
         fingerprint=fingerprint,

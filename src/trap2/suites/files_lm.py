@@ -56,6 +56,7 @@ from trap2.suites.causal_lm import (
     pad_id,
 )
 from trap2.suites.files import TaskFiles
+from trap2.suites.make import make_suite
 from trap2.suites.math_lm import RECIPES
 
 COLUMNS = ("prompt", "answer")
@@ -350,7 +351,7 @@ def lm_files_suite(
         found, source = read_task_data(Path(spec.data))
         splits = carve_splits(found, source, seed, val_fraction, test_fraction)
         built[spec.name], scorings[spec.name] = _task(spec, found, splits, tok, scoring, max_len, batch_size)
-    return Suite(
+    return make_suite(
         name=name or base.name,
         tasks=built,
         make_backbone=lambda: load_causal_lm(base, plain_names=True),

@@ -48,6 +48,7 @@ from trap2.suites.causal_lm import (
     load_causal_lm,
     load_tokenizer,
 )
+from trap2.suites.make import make_suite
 
 NAME = "math"
 PROMPT = "Question: {question}\nAnswer:"
@@ -197,7 +198,7 @@ def build_suite(
             metric,
             CrossEntropy(ignore_index=IGNORE),
         )
-    return Suite(
+    return make_suite(
         name=NAME,
         tasks=tasks,
         make_backbone=lambda: load_backbone(path),
