@@ -351,7 +351,7 @@ def lm_files_suite(
         splits = carve_splits(found, source, seed, val_fraction, test_fraction)
         built[spec.name], scorings[spec.name] = _task(spec, found, splits, tok, scoring, max_len, batch_size)
     return Suite(
-        name=name or base.name,
+        name=name or f"files-{base.name}",
         tasks=built,
         make_backbone=lambda: load_causal_lm(base, plain_names=True),
         lora_targets=tuple(default_lora_targets(skeleton)),
