@@ -345,6 +345,9 @@ def test_bad_input_is_a_one_line_error_naming_the_file_and_the_row(files, tmp_pa
     one_line_error(rf"{long}:10: prompt \+ answer \+ EOS is \d+ tokens, over max_len=32", model,
                    [TaskFiles("t", long)], max_len=MAX_LEN)  # fmt: skip
 
+    empty_prompt = write_jsonl(tmp_path / "empty-prompt.jsonl", [*rows, {"prompt": "", "answer": " red"}])
+    one_line_error(rf"{empty_prompt}:10: the prompt has no tokens", model, [TaskFiles("t", empty_prompt)])
+
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(rows[0]) + "\n{oops\n")
     one_line_error(rf"{broken}:2: not JSON", model, [TaskFiles("t", broken)])
