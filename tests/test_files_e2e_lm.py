@@ -18,7 +18,7 @@ from tiny_models import tiny_llama
 
 from trap2.data.prepare import weights_fingerprint
 
-pytestmark = pytest.mark.slow  # the module: three adapters trained (~8 s) and two audits (~2 s each)
+pytestmark = pytest.mark.slow  # the module: three adapters trained (~8 s) and three audits (~2–3 s each)
 
 # task -> answer -> the prompt words whose answer it is
 TASKS = {
@@ -32,7 +32,7 @@ METHODS = ("ta", "ties")
 TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")  # the publisher's LoRA targets (a subset: any apply)
 PLAIN_STEPS, LR = 40, 1e-2  # batch 16 of 18 examples
 # Trap²: λ·√s < 1 over s ≤ 2 (weight 1/√s, the paper's LLM weighting), so the first steps still learn
-# the task; two scales a step and 200 steps take both sides of s = 1 to (below) chance for any seed tried
+# the task; with two scales a step, 200 steps took both sides of s = 1 to chance or below (seeds 2–5)
 LAMBDA, PROTECTED_STEPS, N_SCALES = 0.3, 200, 2
 
 
