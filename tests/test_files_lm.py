@@ -95,7 +95,7 @@ def trained(suite):
     return train_update(dataclasses.replace(suite, full_frozen=()), "capitals", cfg).update
 
 
-def test_the_suite_builds_with_given_and_carved_splits(suite, files):
+def test_the_suite_builds_with_given_and_carved_splits(suite, files, tok):
     from transformers import AutoModelForCausalLM
 
     _, model, _, _ = files
@@ -103,7 +103,10 @@ def test_the_suite_builds_with_given_and_carved_splits(suite, files):
     assert suite.task_names == ["capitals", "colours"] and suite.default_target == "capitals"
     assert (len(caps.train), len(caps.val), len(caps.test)) == (14, 2, 6)  # 15 % of 16 train rows is val
     assert (len(cols.train), len(cols.val), len(cols.test)) == (15, 3, 3)  # 15 % + 15 % of 21 rows
-    assert caps.train.x.shape == (14, 2, MAX_LEN) and caps.train.y.shape == (14, MAX_LEN - 1)
+    # right-padded to the task's longest prompt + answer + EOS (under max_len), every split alike
+    width = max(len(tok(r["prompt"])["input_ids"] + tok(r["answer"])["input_ids"]) + 1 for r in TEST_ROWS)
+    assert width < MAX_LEN and {caps.split(s).x.shape[-1] for s in ("train", "val", "test")} == {width}
+    assert caps.train.x.shape == (14, 2, width) and caps.train.y.shape == (14, width - 1)
     assert suite.info["scoring"] == {"capitals": "loglik", "colours": "loglik"}
     assert suite.fingerprint == weights_fingerprint(model)
     assert set(suite.lora_targets) == {
@@ -344,6 +347,9 @@ def test_bad_input_is_a_one_line_error_naming_the_file_and_the_row(files, tmp_pa
     long = write_jsonl(tmp_path / "long.jsonl", [*rows, colour("coal", " black" * 30)])
     one_line_error(rf"{long}:10: prompt \+ answer \+ EOS is \d+ tokens, over max_len=32", model,
                    [TaskFiles("t", long)], max_len=MAX_LEN)  # fmt: skip
+
+    empty_prompt = write_jsonl(tmp_path / "empty-prompt.jsonl", [*rows, {"prompt": "", "answer": " red"}])
+    one_line_error(rf"{empty_prompt}:10: the prompt has no tokens", model, [TaskFiles("t", empty_prompt)])
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(rows[0]) + "\n{oops\n")

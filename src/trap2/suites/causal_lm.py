@@ -66,6 +66,8 @@ def encode_pairs(
         at = f"{where[i]}: " if where is not None else ""
         prompt = tok(prompt_text, add_special_tokens=True)["input_ids"]
         answer = answer_ids(tok, answer_text)
+        if not prompt:  # the first answer token needs a position before it
+            raise DataError(f"{at}the prompt has no tokens (this tokenizer adds no BOS): give a prompt")
         if len(prompt) + 1 > max_len:
             raise DataError(f"{at}a prompt of {len(prompt)} tokens does not fit max_len={max_len}")
         if not truncate and len(prompt) + len(answer) > max_len:

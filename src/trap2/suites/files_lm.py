@@ -11,8 +11,8 @@ A split that the data does not give is carved from the training rows (all rows f
 ``seed``: ``test_fraction`` and ``val_fraction`` of them, the same carving every run.
 
 Each example is the prompt followed by the answer as written (put the separator you want in either
-field) and EOS, encoded with :func:`trap2.suites.causal_lm.encode_pairs`: the loss is the cross-entropy
-on the answer tokens (and EOS) only. The backbone's parameter names are the transformers model's own
+field) and EOS, encoded with :func:`trap2.suites.causal_lm.encode_pairs` and right-padded to the task's
+longest example (``max_len`` bounds it): the loss is the cross-entropy on the answer tokens (and EOS) only. The backbone's parameter names are the transformers model's own
 (:class:`~trap2.suites.causal_lm.PlainCausalLMBackbone`), so an adapter trained with PEFT on the plain
 ``AutoModelForCausalLM`` applies by name. Scoring, per task:
 
@@ -258,6 +258,9 @@ def _task(
             [(r.prompt, r.answer) for r in rows], tok, max_len, [r.where for r in rows], truncate=False
         )
         encoded[split] = Split(x, y)
+    # padded to the task's longest example, not to max_len: every step and score computes on that width
+    width = max(int(s.x[:, 1].sum(1).max()) for s in encoded.values())
+    encoded = {k: Split(s.x[..., :width].clone(), s.y[:, : width - 1].clone()) for k, s in encoded.items()}
     candidates, first = _candidates(tok, found)
     scoring = _scoring(scoring, spec.name, len(candidates), first)
     metric: Evaluator
@@ -352,7 +355,7 @@ def lm_files_suite(
         splits = carve_splits(found, source, seed, val_fraction, test_fraction)
         built[spec.name], scorings[spec.name] = _task(spec, found, splits, tok, scoring, max_len, batch_size)
     return make_suite(
-        name=name or base.name,
+        name=name or f"files-{base.name}",
         tasks=built,
         make_backbone=lambda: load_causal_lm(base, plain_names=True),
         lora_targets=tuple(default_lora_targets(skeleton)),
