@@ -20,7 +20,7 @@ import csv
 import json
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -78,24 +78,31 @@ class DataSplits:
 # --- readers -------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path) -> Records:
-    """One JSON object per non-blank line; ``where`` is ``path:line``."""
-    rows, where = [], []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not readable as UTF-8 text ({e})") from None
-    for i, line in enumerate(lines, 1):
+def jsonl_values(path: Path, text: str | None = None) -> Iterator[tuple[str, Any]]:
+    """(``path:line``, parsed value) for each non-blank line of a JSONL file (or of ``text``, read from it
+    already); a line that is not JSON is a one-line DataError naming it."""
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not readable as UTF-8 text ({e})") from None
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield f"{path}:{i}", json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i}: not JSON ({e})") from None
+
+
+def read_jsonl(path: Path) -> Records:
+    """One JSON object per non-blank line; ``where`` is ``path:line``."""
+    rows, where = [], []
+    for at, row in jsonl_values(path):
         if not isinstance(row, dict):
-            raise DataError(f'{path}:{i}: not a JSON object (want {{"column": value, ...}})')
+            raise DataError(f'{at}: not a JSON object (want {{"column": value, ...}})')
         rows.append(row)
-        where.append(f"{path}:{i}")
+        where.append(at)
     return _non_empty(Records(path, rows, where))
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trap2.data.files import jsonl_values
 from trap2.data.prepare import weights_fingerprint
 from trap2.errors import ConfigError, DataError
 from trap2.hf.targets import default_lora_targets
@@ -111,16 +111,7 @@ def read_file(path: Path) -> list[Example]:
                 "causal-LM task needs 'prompt' and 'answer')"
             )
         return [_example(row, f"{path}:{reader.line_num}") for row in reader]
-    out = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not JSON ({e})") from None
-        out.append(_example(row, f"{path}:{i}"))
-    return out
+    return [_example(row, at) for at, row in jsonl_values(path, text)]
 
 
 def _is_datasets_folder(folder: Path) -> bool:

@@ -21,7 +21,6 @@ shared with the files suite for causal LMs.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trap2.data.files import jsonl_values
 from trap2.data.prepare import (
     TaskSource,
     data_dir,
@@ -100,17 +100,11 @@ def read_jsonl(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise DataError(f"{path}: missing (GSM8K-style JSONL expected)")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not JSON ({e})") from None
+    for at, row in jsonl_values(path):
         if not isinstance(row, dict) or not isinstance(row.get("question"), str):
-            raise DataError(f"{path}:{i}: needs a 'question' and an 'answer' string")
+            raise DataError(f"{at}: needs a 'question' and an 'answer' string")
         if not isinstance(row.get("answer"), str) or final_answer(row["answer"]) is None:
-            raise DataError(f"{path}:{i}: the answer must end with '#### <number>'")
+            raise DataError(f"{at}: the answer must end with '#### <number>'")
         rows.append({"question": row["question"], "answer": row["answer"]})
     if not rows:
         raise DataError(f"{path}: no examples")
