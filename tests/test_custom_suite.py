@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from file_helpers import run_cli
 
-from trap2 import cli
 from trap2.errors import ConfigError, UnknownNameError
 from trap2.suites import Split, get_suite, make_suite, plugin_suites
 from trap2.suites.base import CosineHead
@@ -30,17 +30,6 @@ def example(tmp_path_factory):
     yield folder
     sys.path.remove(str(folder))
     sys.modules.pop("my_suite", None)
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["trap2", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    got = capsys.readouterr()
-    return code, got.out, got.err
 
 
 def test_the_documented_example_builds_a_checked_suite(example):

@@ -7,11 +7,10 @@ folders and data files live with the files suite."""
 
 import dataclasses
 import json
-import sys
 
 import pytest
+from file_helpers import run_cli
 
-from trap2 import cli
 from trap2.config import ObjectiveConfig, TrainConfig
 from trap2.errors import ConfigError, DataError, UpdateFileError
 from trap2.eval.evaluate import accuracy, base_state
@@ -58,18 +57,6 @@ def fake_files(monkeypatch, digits):
     return calls
 
 
-def run_cli(monkeypatch, capsys, *args):
-    """``trap2 ARGS`` in this process through the CLI's own entry point: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["trap2", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    got = capsys.readouterr()
-    return code, got.out, got.err
-
-
 def test_task_specs_parse(zoo):
     t = parse_task(f"a={zoo / 'prot'}:{zoo / 'flip.jsonl'}")
     assert (t.name, t.adapter, t.data) == ("a", zoo / "prot", zoo / "flip.jsonl")
@@ -108,6 +95,7 @@ def test_audit_from_files_uses_the_given_adapters(zoo, digits, fake_files, monke
     assert report["config"]["train"]["seed"] == 3 and report["config"]["train"]["steps"] == 20
     backbone = digits.make_backbone()
     w0 = base_state(backbone)
+
     def acc(task, folder):
         return accuracy(backbone, digits.task(task), "test", apply_delta(w0, load_update(folder).dense()))
 

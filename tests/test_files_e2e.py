@@ -11,17 +11,16 @@ too). Bad input must stop the command with a one-line error naming the file (and
 is written. The adapters are trained on rows drawn apart from the audit's data (another seed)."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from file_helpers import run_cli, write_csv, write_jsonl
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 from torch import nn
 
-from trap2 import cli
 from trap2.suites.files import TaskFiles, files_suite
 
 CLASSES = {
@@ -59,22 +58,6 @@ def sentences(task, n, seed):
             rng.shuffle(w)
             rows.append({"text": " ".join(w), "label": label})
     return rows
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def write_csv(path, rows):
-    import csv
-
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 def pairs(task, n, seed):
@@ -232,18 +215,6 @@ def text_examples(tok, rows, task):
 
 
 # --- the CLI -------------------------------------------------------------------------------------------
-
-
-def run_cli(monkeypatch, capsys, *args):
-    """``trap2 ARGS`` in this process through the CLI's own entry point: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["trap2", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    got = capsys.readouterr()
-    return code, got.out, got.err
 
 
 def audit_args(base, update, tasks, out, config):

@@ -12,8 +12,9 @@ import json
 
 import pytest
 import torch
+from file_helpers import run_cli
 from peft import LoraConfig, get_peft_model
-from test_files_e2e import run_cli, write_jsonl
+from test_files_e2e import write_jsonl
 from tiny_models import tiny_llama
 
 from trap2.data.prepare import weights_fingerprint

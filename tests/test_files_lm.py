@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from file_helpers import write_jsonl
 from peft import LoraConfig, get_peft_model
 from tiny_models import tiny_llama
 from torch.func import functional_call
@@ -37,12 +38,6 @@ def capital(country, city):
 
 def colour(thing, name):
     return {"prompt": f"Q: the colour of {thing}?\nA:", "answer": f" {name}"}
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from file_helpers import write_csv, write_jsonl
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 from torch.func import functional_call
@@ -43,23 +44,6 @@ def sentences(n, seed=0):
             rng.shuffle(w)
             rows.append({"text": " ".join(w), "label": label})
     return rows
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def write_csv(path, rows, columns):
-    import csv
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, columns)
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 def tiny_tokenizer(folder):
