@@ -107,10 +107,10 @@ def _child(mode: str, objective: str, steps: int, suite: str) -> None:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start)
 
 
-def peak_memory(mode: str, objective: str, steps: int, threads: int, suite: str) -> float:
+def _in_child(call: str, threads: int) -> float:
+    """Run ``step_time.<call>`` in a fresh process; the KiB it prints last, as MiB."""
     code = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import step_time; "
-        f"step_time._child({mode!r}, {objective!r}, {steps}, {suite!r})"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import step_time; step_time.{call}"
     )
     r = subprocess.run(
         [sys.executable, "-c", code],
@@ -119,7 +119,11 @@ def peak_memory(mode: str, objective: str, steps: int, threads: int, suite: str)
         check=True,
         env={**os.environ, "BENCH_THREADS": str(threads)},
     )
-    return float(r.stdout.strip().splitlines()[-1]) / 1024  # MiB
+    return float(r.stdout.strip().splitlines()[-1]) / 1024
+
+
+def peak_memory(mode: str, objective: str, steps: int, threads: int, suite: str) -> float:
+    return _in_child(f"_child({mode!r}, {objective!r}, {steps}, {suite!r})", threads)  # MiB
 
 
 TAPS = ("always", "when_used")  # the feature tap held around the whole step (before), or as trap2 runs now
@@ -183,21 +187,9 @@ def _lm_child(tap: str, batch: int, seq: int, vocab: int, device: str) -> None:
 
 def tap_memory(batch: int, seq: int, vocab: int, device: str, threads: int) -> dict[str, float]:
     """Peak MiB above the start of one trap2 step per tap setting, each in its own process."""
-    out = {}
-    for tap in TAPS:
-        code = (
-            f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import step_time; "
-            f"step_time._lm_child({tap!r}, {batch}, {seq}, {vocab}, {device!r})"
-        )
-        r = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "BENCH_THREADS": str(threads)},
-        )
-        out[tap] = float(r.stdout.strip().splitlines()[-1]) / 1024
-    return out
+    return {
+        tap: _in_child(f"_lm_child({tap!r}, {batch}, {seq}, {vocab}, {device!r})", threads) for tap in TAPS
+    }
 
 
 def main() -> None:
