@@ -15,7 +15,7 @@ from file_helpers import run_cli
 from trap2.errors import ConfigError, UnknownNameError
 from trap2.suites import Split, get_suite, make_suite, plugin_suites
 from trap2.suites.base import CosineHead
-from trap2.updates import load_update, weights_fingerprint
+from trap2.updates import load_update, tensors_fingerprint
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "custom_suite.md"
 
@@ -35,7 +35,7 @@ def example(tmp_path_factory):
 def test_the_documented_example_builds_a_checked_suite(example):
     suite = get_suite("my_suite:build")
     assert suite.name == "quadrants" and suite.task_names == ["plane0", "plane1", "plane2"]
-    assert suite.fingerprint == weights_fingerprint(dict(suite.make_backbone().named_parameters()))
+    assert suite.fingerprint == tensors_fingerprint(dict(suite.make_backbone().named_parameters()))
     assert get_suite("my_suite:build") is suite  # built once per process
 
 

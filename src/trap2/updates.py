@@ -41,7 +41,7 @@ PEFT_PREFIX = "base_model.model."
 STATE_FINGERPRINT = "tensors-sha256:"  # prefix of a fingerprint computed from tensors, not from a file
 
 
-def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+def tensors_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     """A fingerprint of base weights held in memory: sha256 over every (name, shape, float32 bytes) in name
     order, prefixed with :data:`STATE_FINGERPRINT`. The float32 view makes a bf16 or fp16 base agree with
     its exact float32 upcast. Suites loaded from files record the file's sha256 instead
@@ -124,7 +124,7 @@ class Update:
         if not fp or not fingerprint or fp == fingerprint:
             return
         if fp.startswith(STATE_FINGERPRINT):  # recorded from the weights themselves: hash this base's
-            here = weights_fingerprint(base)
+            here = tensors_fingerprint(base)
             if fp == here:
                 return
             fingerprint = here

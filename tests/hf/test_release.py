@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from trap2.data.prepare import weights_fingerprint as folder_fingerprint
 from trap2.errors import UpdateFileError
 from trap2.hf import Trap2Trainer, Trap2TrainingArguments, lora_config
-from trap2.updates import STATE_FINGERPRINT, load_update, weights_fingerprint
+from trap2.updates import STATE_FINGERPRINT, load_update, tensors_fingerprint
 
 N = 8
 
@@ -61,14 +61,14 @@ def test_in_memory_base_is_fingerprinted_from_its_weights_and_another_base_refus
     trainer = train(model, tmp_path, mode)
     update = load_update(trainer.save_update(tmp_path / "u", task="sst"))
     fp = update.meta["base_fingerprint"]
-    assert fp.startswith(STATE_FINGERPRINT) and fp == weights_fingerprint(w0)
+    assert fp.startswith(STATE_FINGERPRINT) and fp == tensors_fingerprint(w0)
     update.check_base(w0, "e" * 64)  # the same base passes, whatever file hash the suite records
     other = dict(tiny_bert(1).named_parameters())
     with pytest.raises(UpdateFileError, match=r"^u: made for base [0-9a-f]{12}…, not this base"):
         update.check_base(other, "f" * 64, where="u")
     # a bf16 base and its float32 upcast are the same base
     half = {n: t.bfloat16() for n, t in w0.items()}
-    assert weights_fingerprint(half) == weights_fingerprint({n: t.float() for n, t in half.items()})
+    assert tensors_fingerprint(half) == tensors_fingerprint({n: t.float() for n, t in half.items()})
 
 
 def test_a_wrapper_around_the_released_model_still_records_the_folder_fingerprint(tmp_path):

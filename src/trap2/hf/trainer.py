@@ -379,10 +379,10 @@ def base_fingerprint_of(
 ) -> str:
     """The fingerprint of the base a model was trained from: its folder's weights file as the suites
     record it (``trap2.data.prepare.weights_fingerprint``) when it was loaded from a local folder, else
-    :func:`trap2.updates.weights_fingerprint` of ``module``'s W0 (LoRA: its base layers' weights, named as
+    :func:`trap2.updates.tensors_fingerprint` of ``module``'s W0 (LoRA: its base layers' weights, named as
     the base model names them; full: ``w0`` over its current values)."""
     from trap2.data.prepare import weights_fingerprint as folder_fingerprint
-    from trap2.updates import PEFT_PREFIX, weights_fingerprint
+    from trap2.updates import PEFT_PREFIX, tensors_fingerprint
 
     module = model if module is None else module
     # the released part first: a wrapper (a pooling or head module around the PEFT model) has no folder
@@ -395,7 +395,7 @@ def base_fingerprint_of(
             continue
         state[name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")] = p
     state.update(w0 or {})
-    return weights_fingerprint(state)
+    return tensors_fingerprint(state)
 
 
 class Trap2Trainer(Trap2Mixin, Trainer):

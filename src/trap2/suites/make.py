@@ -11,7 +11,7 @@ what :func:`make_suite` checks (each failure is a one-line :class:`ConfigError` 
 - the LoRA target names are modules of the backbone, and the default target is one of the tasks;
 - an update's keys are the backbone's parameter names, and ``fingerprint`` identifies W0 (an update that
   records another base is refused); when not given it is computed from the backbone's weights
-  (:func:`trap2.updates.weights_fingerprint`).
+  (:func:`trap2.updates.tensors_fingerprint`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 
 from trap2.errors import ConfigError
 from trap2.suites.base import Split, Suite, Task
-from trap2.updates import weights_fingerprint
+from trap2.updates import tensors_fingerprint
 
 
 def make_suite(
@@ -67,7 +67,7 @@ def make_suite(
     for task in by_name.values():
         check_task(backbone, task, f"suite {name!r}, task {task.name!r}")
     if fingerprint is None:
-        fingerprint = weights_fingerprint(dict(backbone.named_parameters()))
+        fingerprint = tensors_fingerprint(dict(backbone.named_parameters()))
     return Suite(
         name=name,
         tasks=by_name,
