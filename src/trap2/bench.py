@@ -65,6 +65,12 @@ class BenchConfig:
         "the searches the baselines get (null: all; see DemoConfig)", None
     )
     scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
+    threats: str | None = help_field(
+        "the attacker grid of every cell (docs/threats.md): 'quick', 'full', or null = none (the CLI's "
+        "--threats)",
+        None,
+        hash_default=False,
+    )
     device: str | None = help_field(
         "where training and evaluation run ('cpu', 'cuda', 'cuda:N', 'auto'); null = the train configs'", None
     )
@@ -105,6 +111,7 @@ class BenchConfig:
             baselines=self.baselines,
             baseline_searches=self.baseline_searches,
             scales=self.scales,
+            threats=self.threats,
         )
 
     def target_list(self, suite: Suite) -> list[str]:
