@@ -87,3 +87,27 @@ def test_distill_refuses_bad_settings(tiny):
         others_norm([release], 0)
     with pytest.raises(ConfigError, match="optimiser"):
         AttackPoint(1e-2, 1, 10, optimiser="lbfgs")
+
+
+def test_attacks_leave_a_lora_release_untouched(tiny):
+    """The student trains copies of the release's LoRA factors: the release (still in the pool the
+    other cells merge) keeps its tensors bit for bit."""
+    from trap2.attacks.untrap import untrap_at
+
+    suite, updates, backbone, w0 = tiny
+    gen = torch.Generator().manual_seed(3)
+    release = Update(
+        {
+            "fc1.weight": LowRank(torch.randn(4, 6, generator=gen), torch.randn(16, 4, generator=gen), 0.5),
+            "fc2.weight": LowRank(torch.randn(4, 16, generator=gen), torch.randn(8, 4, generator=gen), 0.5),
+        },
+        {"task": "t0"},
+    )
+    before = {n: (d.A.clone(), d.B.clone()) for n, d in release.deltas.items()}
+    point = AttackPoint(1e-2, 20, 50, "lora", "adamw", 0)
+    student = distill_update(backbone, w0, release, suite.task("t0"), point, "release", 1.0)
+    untrapped = untrap_at(backbone, w0, release, suite.task("t0"), point)
+    for n, d in release.deltas.items():
+        assert torch.equal(d.A, before[n][0]) and torch.equal(d.B, before[n][1]), n
+        assert isinstance(student.deltas[n], LowRank) and isinstance(untrapped.deltas[n], LowRank)
+        assert not torch.equal(untrapped.deltas[n].A, d.A)  # the copies did train

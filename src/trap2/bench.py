@@ -28,7 +28,8 @@ from trap2.attacks.context import update_key
 from trap2.config import TrainConfig, config_hash, from_dict, help_field, to_dict
 from trap2.errors import ConfigError
 from trap2.eval.evaluate import base_state
-from trap2.eval.report import pct, threats_table
+from trap2.eval.report import pct
+from trap2.eval.threats import threats_lines
 from trap2.io import write_json, write_text
 from trap2.pipeline import CURVE_SCALES, DemoConfig, evaluate_protection, trained_pool
 from trap2.progress import LogReporter, Reporter
@@ -233,7 +234,7 @@ def _summary(mode: str, report: Mapping[str, Any]) -> dict[str, Any]:
         "acc_s0.5": at(0.5),
         "acc_s2": at(2.0),
         "merges": merges,
-        "threats": threats_table(dict(report)),
+        "threats": threats_lines(dict(report)),
         "wall_seconds": report.get("wall_seconds"),
     }
 

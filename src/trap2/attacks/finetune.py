@@ -98,7 +98,13 @@ def fit_delta(
         if point.mode == "lora" and isinstance(given, LowRank):
             a, b = given.A.reshape(given.rank, -1), given.B.reshape(given.B.shape[0], -1)
             shapes[n] = (given.A.shape, given.B.shape)
-            factors[n] = (a.float().to(device), b.float().to(device), given.scaling, given.fan_in_fan_out)
+            # copies: the optimiser steps in place, and the given factors are the release's own tensors
+            factors[n] = (
+                a.float().to(device).clone(),
+                b.float().to(device).clone(),
+                given.scaling,
+                given.fan_in_fan_out,
+            )
         elif point.mode == "lora" and len(shape) == 2:
             if given is not None:  # a dense start under LoRA: it joins the frozen base
                 base = {**base, n: base.get(n, torch.zeros_like(w0[n])) + given.to(w0[n])}

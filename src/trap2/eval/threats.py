@@ -85,11 +85,19 @@ def grid_lines(report: dict[str, Any]) -> list[str]:
     return [*lines, "", f"Grid wall time: {threats['wall_seconds']:.0f} s.", ""]
 
 
+def threats_lines(report: dict[str, Any]) -> list[str]:
+    """The stronger-threats table, the distillation ceilings and the attacker grid, in that order (the
+    first line a heading: the bench drops it under its own)."""
+    lines = [*threats_table(report), *distill_lines(report), *grid_lines(report)]
+    if lines and not lines[0].startswith("## Stronger threats"):
+        lines = ["## Stronger threats", *lines]
+    return lines
+
+
 def threats_markdown(report: dict[str, Any]) -> str:
     """The threats tables of a report or a committed threats result: every attack cell unprotected vs
     Trap², the distillation ceiling, the attacker grid; with the command and wall time when recorded."""
-    lines = threats_table(report) or []
-    lines += distill_lines(report) + grid_lines(report)
+    lines = threats_lines(report)
     if "command" in report:
         lines += [f"Command: `{report['command']}`", ""]
     if "wall_seconds" in report:
