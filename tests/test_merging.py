@@ -60,7 +60,9 @@ def test_conformance(name, space, dtype):
     for result in results:
         merged = result.dense()
         for k, v in ups[0].dense().items():
-            assert merged[k].shape == v.shape and merged[k].dtype == v.dtype and torch.isfinite(merged[k]).all()
+            assert (
+                merged[k].shape == v.shape and merged[k].dtype == v.dtype and torch.isfinite(merged[k]).all()
+            )
             # dense members' results keep their dtype; LoRA products and low-rank factors are float32
             d, want = result.deltas[k], torch.float32 if isinstance(ups[0].deltas[k], LowRank) else dtype
             assert {d.A.dtype, d.B.dtype} == {torch.float32} if isinstance(d, LowRank) else d.dtype == want

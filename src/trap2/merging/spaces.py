@@ -62,7 +62,9 @@ def _as_low_rank(b: torch.Tensor, a: torch.Tensor, like: torch.Tensor) -> Delta:
     return LowRank(a32, b32, 1.0)
 
 
-def _each(method: MergeMethod, result: torch.Tensor, back: Callable[[torch.Tensor], Delta]) -> Delta | list[Delta]:
+def _each(
+    method: MergeMethod, result: torch.Tensor, back: Callable[[torch.Tensor], Delta]
+) -> Delta | list[Delta]:
     """``back(result)``; for a per-task method, one ``back`` per member's slice of the stacked result."""
     return [back(r) for r in result.unbind(0)] if method.per_task else back(result)
 
