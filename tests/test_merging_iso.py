@@ -58,7 +58,9 @@ def test_iso_cts_adds_each_tasks_own_directions_with_a_flat_spectrum():
     g = torch.Generator().manual_seed(2)
     # one strong shared direction plus weak task-specific ones: Iso-C keeps the sum's rank, Iso-CTS
     # replaces the sum's weak tail by each task's own top directions off the common subspace
-    shared = torch.randn(20, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 16, generator=g, dtype=torch.float64)
+    shared = torch.randn(20, 1, generator=g, dtype=torch.float64) @ torch.randn(
+        1, 16, generator=g, dtype=torch.float64
+    )
     deltas = [10 * shared + torch.randn(20, 16, generator=g, dtype=torch.float64) for _ in range(4)]
     got = get_merge_method("iso_cts")(deltas, common=0.5)
     k_common, per = split_rank(16, 0.5, 4)

@@ -29,8 +29,12 @@ from trap2.updates import apply_delta
 def module_order(backbone: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> dict[str, int]:
     """{module name: position of its first call} in one forward pass at ``params``."""
     order: dict[str, int] = {}
+
+    def record(name: str) -> None:  # a pre-hook returning a value would replace the module's input
+        order.setdefault(name, len(order))
+
     hooks = [
-        module.register_forward_pre_hook(lambda _m, _a, n=name: order.setdefault(n, len(order)))
+        module.register_forward_pre_hook(lambda _m, _a, n=name: record(n))
         for name, module in backbone.named_modules()
     ]
     try:
