@@ -24,6 +24,25 @@ def test_hand_computed_case():
     torch.testing.assert_close(got[1], 12 / 14 * torch.tensor([3.0, 2.0, -4.0, 5.0]))
 
 
+def test_model_scope_rescales_once_over_the_whole_update():
+    ups = [
+        {"w": torch.tensor([3.0, -1.0, 2.0, 0.0]), "v": torch.tensor([1.0, 1.0])},
+        {"w": torch.tensor([1.0, 2.0, -4.0, 5.0]), "v": torch.tensor([-3.0, 1.0])},
+    ]
+    # w: τ_uni = [3, 2, −4, 5], M_1 = [1, 0, 0, 0], M_2 = 1; v: γ = [−, +], τ_uni = [−3, 1], M_1 = [0, 1]
+    # λ_t = Σ_tensors mean|τ_t| / Σ_tensors mean|M_t ⊙ τ_uni|: λ_1 = (1.5 + 1)/(0.75 + 0.5) = 2,
+    # λ_2 = (3 + 2)/(3.5 + 2) = 10/11 (per tensor it would be 6/7 for w and 1 for v)
+    got = merge_deltas("emr", ups, scope="model")
+    torch.testing.assert_close(got[0]["w"], torch.tensor([6.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(got[0]["v"], torch.tensor([0.0, 2.0]))
+    torch.testing.assert_close(got[1]["w"], 10 / 11 * torch.tensor([3.0, 2.0, -4.0, 5.0]))
+    torch.testing.assert_close(got[1]["v"], 10 / 11 * torch.tensor([-3.0, 1.0]))
+    per_tensor = merge_deltas("emr", ups)
+    torch.testing.assert_close(per_tensor[1]["w"], 6 / 7 * torch.tensor([3.0, 2.0, -4.0, 5.0]))
+    with pytest.raises(ConfigError, match="full space only"):
+        merge_updates([Update({"w": torch.randn(3, 2)}) for _ in range(2)], "emr", "knots", scope="model")
+
+
 def test_each_task_keeps_its_signs_and_its_l1_norm():
     g = torch.Generator().manual_seed(0)
     deltas = [torch.randn(9, 7, generator=g) for _ in range(5)]

@@ -70,3 +70,13 @@ def test_emr_matches_fusionbench_per_tensor():
         ours = merge_deltas("emr", tvs)
         for i, d in enumerate(ours):
             torch.testing.assert_close(d[name], rescalers[i] * unified[name] * masks[name][i])
+
+
+def test_emr_model_scope_matches_fusionbench():
+    """scope='model': one rescaler per task over every tensor, as FusionBench (and the public code)."""
+    tvs = _task_vectors(seed=2)
+    unified, masks, rescalers = fb_emr.emr_merge(tvs)
+    ours = merge_deltas("emr", tvs, scope="model")
+    for i, d in enumerate(ours):
+        for n in unified:
+            torch.testing.assert_close(d[n], rescalers[i] * unified[n] * masks[n][i])

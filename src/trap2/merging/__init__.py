@@ -32,7 +32,7 @@ from trap2.merging.spaces import SPACES
 from trap2.merging.ties import magnitude_threshold
 from trap2.updates import Delta, LowRank, Update
 
-INTERNAL_HPARAMS = ("thresholds", "seeds")  # filled in by merge_updates, not set by users
+INTERNAL_HPARAMS = ("thresholds", "seeds", "rescalers")  # filled in by merge_updates, not set by users
 
 
 def get_merge_method(name: str) -> MergeMethod:
@@ -95,13 +95,17 @@ def merge_updates(
         raise ConfigError(f"got {len(weights)} weights for {len(ups)} updates")
     resolved = m.resolve(**hparams)
     thresholds = None
+    model_hp: dict[str, list[Any]] = {}  # a method's own model-wide statistics, one value per member
     if resolved.get("scope") == "model":
         if space != "full":
             raise ConfigError(
                 f"{m.name}: scope='model' is defined in full space only ({space} trims per-tensor factors "
                 "in other units); use scope='tensor'"
             )
-        thresholds = model_thresholds(ups, weights, resolved["k"])
+        if m.model_scope is not None:
+            model_hp = m.model_scope([_weighted(u, weights, i) for i, u in enumerate(ups)])
+        else:
+            thresholds = model_thresholds(ups, weights, resolved["k"])
     names = list(dict.fromkeys(n for u in ups for n in u.deltas))
     out: dict[str, Delta] = {}
     per_member: list[dict[str, Delta]] = [{} for _ in ups]  # per-task methods
@@ -117,6 +121,8 @@ def merge_updates(
             hp["seeds"] = [content_seed(base, *_raw(ups[i].deltas[name])) for i in idx]
         if thresholds is not None:
             hp["thresholds"] = [thresholds[i] for i in idx]
+        for k, values in model_hp.items():
+            hp[k] = [values[i] for i in idx]
         result = space_fn(m, members, hp)
         if m.per_task:
             for i, d in zip(idx, result, strict=True):
@@ -140,6 +146,11 @@ def model_thresholds(ups: Sequence[Update], weights: Sequence[float] | None, k: 
         weighted = Update({n: scale_delta(d, w) for n, d in u.deltas.items()}).dense()
         out.append(magnitude_threshold(torch.cat([t.flatten() for t in weighted.values()]), k))
     return out
+
+
+def _weighted(u: Update, weights: Sequence[float] | None, i: int) -> dict[str, torch.Tensor]:
+    w = 1.0 if weights is None else weights[i]
+    return Update({n: scale_delta(d, w) for n, d in u.deltas.items()}).dense()
 
 
 def _raw(d: Delta) -> tuple[torch.Tensor, ...]:

@@ -44,6 +44,9 @@ class MergeMethod:
     # hparams under which one input is returned as is; None: no setting does (Iso-C flattens its spectrum)
     identity: dict[str, Any] | None = field(default_factory=dict)
     per_task: bool = False  # the kernel returns one result per member, stacked (T, ...)
+    # scope='model': per-member internal hparams computed once over the whole weighted update (full space),
+    # {name: [value per member]}; None: the TIES magnitude thresholds
+    model_scope: Callable[[list[dict[str, torch.Tensor]]], dict[str, list[Any]]] | None = None
 
     def resolve(self, **given: Any) -> dict[str, Any]:
         """Defaults filled in, unknown names and out-of-range values rejected."""
@@ -80,10 +83,11 @@ def merge_method(
     identity: dict[str, Any] | None = None,
     no_identity: bool = False,
     per_task: bool = False,
+    model_scope: Callable[[list[dict[str, torch.Tensor]]], dict[str, list[Any]]] | None = None,
 ) -> Callable[[Kernel], MergeMethod]:
     def wrap(fn: Kernel) -> MergeMethod:
         ident = None if no_identity else dict(identity or {})
-        spec = MergeMethod(name, fn, summary, reference, dict(hparams or {}), ident, per_task)
+        spec = MergeMethod(name, fn, summary, reference, dict(hparams or {}), ident, per_task, model_scope)
         return METHODS.register(name, spec)
 
     return wrap
