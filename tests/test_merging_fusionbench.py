@@ -1,4 +1,4 @@
-"""WUDI, Iso-C, Iso-CTS and EMR against FusionBench 0.2.33 (``pip install 'trap2[fusionbench]'``) as the
+"""WUDI, Iso-C, Iso-CTS, EMR (and TSV-M) against FusionBench 0.2.33 (``pip install 'trap2[fusionbench]'``) as the
 independent reference, on small full-rank state dicts (where the numerical-rank cut of Iso-C/CTS keeps
 everything, so both define the same merge). Skipped when FusionBench is not installed."""
 
@@ -11,6 +11,7 @@ import torch
 fb_iso = pytest.importorskip("fusion_bench.method.isotropic_merging.iso_utils")
 fb_wudi = pytest.importorskip("fusion_bench.method.wudi.wudi")
 fb_emr = pytest.importorskip("fusion_bench.method.emr_merging.utils")
+fb_tsv = pytest.importorskip("fusion_bench.method.task_singular_vector.utils.TSVM_utils")
 
 from trap2.merging import merge_deltas  # noqa: E402
 
@@ -80,3 +81,10 @@ def test_emr_model_scope_matches_fusionbench():
     for i, d in enumerate(ours):
         for n in unified:
             torch.testing.assert_close(d[n], rescalers[i] * unified[n] * masks[n][i])
+
+
+def test_tsv_matches_fusionbench():
+    """TSV-M with every task's ⌊k/T⌋ triplets (k = 16 splits evenly over 4 tasks, as FusionBench needs)."""
+    tvs = _task_vectors(seed=3)
+    ref = _quiet(fb_tsv.compute_and_sum_svd_mem_reduction, tvs, accelerator="cpu")
+    _close(merge_deltas("tsv", tvs), ref)
