@@ -99,7 +99,7 @@ def merge_updates(
     if resolved.get("scope") == "model":
         if space != "full":
             raise ConfigError(
-                f"{m.name}: scope='model' is defined in full space only ({space} trims per-tensor factors "
+                f"{m.name}: scope='model' is defined in full space only ({space} merges per-tensor factors "
                 "in other units); use scope='tensor'"
             )
         if m.model_scope is not None:
