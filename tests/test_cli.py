@@ -95,7 +95,11 @@ def test_listings():
     r = cli("methods", "--json")
     listing = json.loads(r.stdout)
     names = {m["name"] for m in listing["methods"]}
-    assert names == {"ta", "ties", "dare", "dare_ties", "tsv", "cart"}
+    registered = {"ta", "ties", "dare", "dare_ties", "tsv", "cart", "wudi", "iso_c", "iso_cts", "emr"}
+    assert names == registered | {"regmean", "chain_of_merges"}  # the data-dependent ones too
+    assert {m["name"] for m in listing["methods"] if m.get("data")} == {"regmean", "chain_of_merges"}
+    wudi = next(m for m in listing["methods"] if m["name"] == "wudi")
+    assert wudi["hparams"]["steps"]["default"] == 300 and "2503.08099" in wudi["reference"]
     assert listing["spaces"] == ["core", "full", "knots"]
     ties = next(m for m in listing["methods"] if m["name"] == "ties")
     assert ties["hparams"]["k"]["grid"][0] == 100 and "thresholds" not in ties["hparams"]

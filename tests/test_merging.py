@@ -48,25 +48,46 @@ def test_conformance(name, space, dtype):
     # TSV in KnOTS truncates inside a degenerate spectrum unless each rank fits its budget (tsv.py)
     ups = _lora_updates(ranks=(2, 2, 2, 2)) if (name, space) == ("tsv", "knots") else _lora_updates()
     ups = _cast(ups, dtype)
-    result = merge_updates(ups, name, space)
-    merged = result.dense()
-    for k, v in ups[0].dense().items():
-        assert merged[k].shape == v.shape and merged[k].dtype == v.dtype and torch.isfinite(merged[k]).all()
-        # dense members' results keep their dtype; LoRA products and low-rank factors are float32
-        d, want = result.deltas[k], torch.float32 if isinstance(ups[0].deltas[k], LowRank) else dtype
-        assert {d.A.dtype, d.B.dtype} == {torch.float32} if isinstance(d, LowRank) else d.dtype == want
+    spec = get_merge_method(name)
+
+    def merge(members, **hp):
+        """The merge as a list of results, one per member for a per-task method (else one)."""
+        out = merge_updates(members, name, space, **hp)
+        return list(out.updates) if spec.per_task else [out]
+
+    results = merge(ups)
+    assert len(results) == (len(ups) if spec.per_task else 1)
+    for result in results:
+        merged = result.dense()
+        for k, v in ups[0].dense().items():
+            assert (
+                merged[k].shape == v.shape and merged[k].dtype == v.dtype and torch.isfinite(merged[k]).all()
+            )
+            # dense members' results keep their dtype; LoRA products and low-rank factors are float32
+            d, want = result.deltas[k], torch.float32 if isinstance(ups[0].deltas[k], LowRank) else dtype
+            assert {d.A.dtype, d.B.dtype} == {torch.float32} if isinstance(d, LowRank) else d.dtype == want
     tol = {"rtol": max(1e-4, HALF_RTOL[dtype]), "atol": 1e-5}
-    permuted = merge_updates(ups[::-1], name, space).dense()
-    for k in merged:
-        torch.testing.assert_close(permuted[k], merged[k], **tol)
-    single = merge_updates(ups[:1], name, space, **get_merge_method(name).identity).dense()
-    for k, v in ups[0].dense().items():
-        torch.testing.assert_close(single[k], v, **tol)
+    # reversed members: the same merge (a per-task merge: each member's own result, in reversed order)
+    for permuted, result in zip(merge(ups[::-1])[:: -1 if spec.per_task else 1], results, strict=True):
+        for k, v in result.dense().items():
+            torch.testing.assert_close(permuted.dense()[k], v, **tol)
+    if spec.identity is not None:
+        single = merge(ups[:1], **spec.identity)[0].dense()
+        for k, v in ups[0].dense().items():
+            torch.testing.assert_close(single[k], v, **tol)
+    else:  # no setting returns one member as it is (Iso-C flattens it): its merge is a fixed point
+        once = merge(ups[:1])[0]
+        twice = merge([once])[0].dense()
+        for k, v in once.dense().items():
+            torch.testing.assert_close(twice[k], v, **tol)
     # the same values held in float32 merge to the same result, up to the dtype's rounding
-    wide = merge_updates(_cast(ups, torch.float32), name, space).dense()
-    for k in merged:
-        scale = float(wide[k].abs().max())
-        torch.testing.assert_close(merged[k], wide[k], rtol=HALF_RTOL[dtype], atol=HALF_RTOL[dtype] * scale)
+    for result, wide_result in zip(results, merge(_cast(ups, torch.float32)), strict=True):
+        merged, wide = result.dense(), wide_result.dense()
+        for k in merged:
+            scale = float(wide[k].abs().max())
+            torch.testing.assert_close(
+                merged[k], wide[k], rtol=HALF_RTOL[dtype], atol=HALF_RTOL[dtype] * scale
+            )
 
 
 def test_ta_is_the_sum_and_matches_peft():
@@ -225,8 +246,9 @@ def test_knots_keeps_the_shape_of_tensors_no_lora_layer_holds(name):
         Update({"cls": torch.randn(1, 1, 8, generator=g), "pos": torch.randn(1, 5, 8, generator=g)})
         for _ in range(3)
     ]
-    merged = merge_updates(ups, name, "knots").dense()
-    assert {k: tuple(v.shape) for k, v in merged.items()} == {"cls": (1, 1, 8), "pos": (1, 5, 8)}
+    out = merge_updates(ups, name, "knots").dense()
+    for merged in out if get_merge_method(name).per_task else [out]:
+        assert {k: tuple(v.shape) for k, v in merged.items()} == {"cls": (1, 1, 8), "pos": (1, 5, 8)}
     if name == "ta":
         for k in ("cls", "pos"):
             torch.testing.assert_close(merged[k], sum(u.dense()[k] for u in ups), rtol=1e-4, atol=1e-5)

@@ -521,6 +521,7 @@ def objectives() -> None:
 @app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
     """List the registered merge methods and spaces with their hyperparameters and references."""
+    from trap2.attacks.searches.base import DATA_METHOD_INFO
     from trap2.merging import INTERNAL_HPARAMS, METHODS, SPACES
 
     rows = []
@@ -532,6 +533,8 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
             if k not in INTERNAL_HPARAMS
         }
         rows.append({"name": name, "summary": m.summary, "reference": m.reference, "hparams": hp})
+    for name, (summary, reference) in DATA_METHOD_INFO.items():  # attack-only: they need the suite's data
+        rows.append({"name": name, "summary": summary, "reference": reference, "hparams": {}, "data": True})
     if as_json:
         typer.echo(json.dumps({"methods": rows, "spaces": SPACES.names()}, indent=2))
         return

@@ -123,6 +123,8 @@ def merge_files(
         bad = paths[tasks.index(None)]
         raise UpdateFileError(f"{bad}: records no task, so its accuracy cannot be measured for the search")
     merged = merge_updates(updates, method, space, **dict(hparams or {}))
+    if not isinstance(merged, Update):
+        raise ConfigError(f"{method} gives one merged model per task; trap2 merge writes one update")
     search = None
     if search_suite is not None:
         suite = get_suite(search_suite)

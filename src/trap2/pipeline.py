@@ -20,6 +20,8 @@ import torch
 
 from trap2.attacks import DATA_METHODS, SEARCHES, TA_SEARCHES, EvalContext, attack_matrix, run_attack
 from trap2.attacks.context import resolve_device
+from trap2.attacks.searches import SEARCH_REGISTRY
+from trap2.attacks.searches.base import per_task_method
 from trap2.config import ObjectiveConfig, TrainConfig, config_hash, help_field, to_dict
 from trap2.defenses import BASELINES, baseline_update
 from trap2.errors import ConfigError
@@ -50,7 +52,8 @@ class DemoConfig:
         default_factory=lambda: TrainConfig(objective=ObjectiveConfig(name="trap2")),
     )
     methods: tuple[str, ...] = help_field(
-        "merge methods to attack with (registered ones, or 'regmean': data-dependent, full space)",
+        "merge methods to attack with (registered ones, or the data-dependent 'regmean' and "
+        "'chain_of_merges': full space)",
         ("ta", "ties", "dare_ties", "tsv", "cart"),
     )
     spaces: tuple[str, ...] = help_field(
@@ -118,7 +121,8 @@ class DemoConfig:
 
     def cells(self) -> list[tuple[str, str, str]]:
         """(method, space, search) cells: Core needs LoRA updates; TA is space-independent; data-dependent
-        merges run in full space; restore applies to the merges that are not linear."""
+        merges run in full space; restore applies to the merges that are not linear; restore and recovery
+        need one merged model (not EMR's one per task)."""
         spaces = [sp for sp in self.spaces if sp != "core" or self.train.mode == "lora"]
 
         def where(m: str) -> list[str]:
@@ -130,7 +134,13 @@ class DemoConfig:
             out += [("ta", "full", se) for se in self.extra_searches if se in (*TA_SEARCHES, *every)]
         for se in self.extra_searches:
             if se == "restore" or se in every:
-                out += [(m, sp, se) for m in self.methods if m != "ta" for sp in where(m)]
+                one = SEARCH_REGISTRY.get(se).one_model  # not for a merge that is one model per task (EMR)
+                out += [
+                    (m, sp, se)
+                    for m in self.methods
+                    if m != "ta" and not (one and per_task_method(m))
+                    for sp in where(m)
+                ]
         return out
 
 

@@ -3,6 +3,9 @@ chosen device; and a cache of what searches share (the global optimum of a pool,
 
 Cache keys name updates by content (a hash of their tensors and task), never by ``id()``: an update
 that changes, or a new one at a recycled address, is a new key.
+
+A per-task merge (EMR-Merging: :class:`~trap2.merging.TaskDeltas`) becomes :class:`TaskParams`, one
+parameter set per task; each task is then evaluated on its own parameters.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch.func import functional_call
 
 from trap2.errors import ConfigError
 from trap2.eval.evaluate import accuracy, base_state
+from trap2.merging import TaskDeltas
 from trap2.suites.base import Suite
 from trap2.updates import LowRank, Update, apply_delta
 
@@ -38,6 +42,10 @@ def update_key(update: Update) -> str:
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+class TaskParams(dict):
+    """{task: parameters}: a per-task merge's parameters, each task evaluated at its own."""
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -113,12 +121,28 @@ class EvalContext:
         return self._cache[key]
 
     @torch.no_grad()
-    def accuracies(self, params: Mapping[str, torch.Tensor], split: str) -> dict[str, float]:
+    def accuracies(self, params: Mapping[str, torch.Tensor] | TaskParams, split: str) -> dict[str, float]:
+        if isinstance(params, TaskParams):
+            return self._task_accuracies(params, split)
         if not self._stacked:  # tasks with their own metric (e.g. exact match of generated answers)
             return {t: accuracy(self.backbone, self.suite.task(t), split, params) for t in self.tasks}
         x, spans = self._stacked[split]
         feats = functional_call(self.backbone, dict(params), (x,), strict=False)
         return {t: int((self._heads[t](feats[a:b]).argmax(-1) == y).sum()) / (b - a) for t, a, b, y in spans}
+
+    def _task_accuracies(self, params: TaskParams, split: str) -> dict[str, float]:
+        """Each task at its own parameters: one forward per task on its slice of the stacked inputs."""
+        missing = [t for t in self.tasks if t not in params]
+        if missing:
+            raise ConfigError(f"per-task merge: no merged parameters for task {missing[0]!r}")
+        if not self._stacked:
+            return {t: accuracy(self.backbone, self.suite.task(t), split, params[t]) for t in self.tasks}
+        x, spans = self._stacked[split]
+        out = {}
+        for t, a, b, y in spans:
+            feats = functional_call(self.backbone, dict(params[t]), (x[a:b],), strict=False)
+            out[t] = int((self._heads[t](feats).argmax(-1) == y).sum()) / (b - a)
+        return out
 
     def untrapped(self, update: Update) -> Update:
         """``update`` un-trapped on k labelled samples of its task (once per update content)."""
@@ -143,16 +167,22 @@ class EvalContext:
 
         return self.cached(("recovered_from_w0", k, key), compute)
 
-    def params(self, delta: Mapping[str, torch.Tensor], c: float = 1.0) -> dict[str, torch.Tensor]:
-        """W0 + c·ΔW for the tensors ΔW touches, on the context's device."""
+    def params(
+        self, delta: Mapping[str, torch.Tensor] | TaskDeltas, c: float = 1.0
+    ) -> dict[str, torch.Tensor] | TaskParams:
+        """W0 + c·ΔW for the tensors ΔW touches, on the context's device; for a per-task merge, each
+        member's task (its recorded one, else the context's task at its position) at W0 + c·ΔW_i."""
+        if isinstance(delta, TaskDeltas):
+            tasks = [t or self.tasks[i] for i, t in enumerate(delta.tasks)]
+            return TaskParams({t: apply_delta(self.w0, d, c) for t, d in zip(tasks, delta, strict=True)})
         return apply_delta(self.w0, delta, c)
 
-    def val_score(self, params: Mapping[str, torch.Tensor]) -> float:
+    def val_score(self, params: Mapping[str, torch.Tensor] | TaskParams) -> float:
         """Mean normalised validation accuracy over the suite's tasks."""
         self.evaluations += 1
         accs = self.accuracies(params, "val")
         return sum(accs[t] / max(self.normalisers[t], 1e-8) for t in accs) / len(accs)
 
-    def test_accs(self, params: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    def test_accs(self, params: Mapping[str, torch.Tensor] | TaskParams) -> dict[str, float]:
         accs = self.accuracies(params, "test")
         return {**accs, "mean": sum(accs.values()) / len(accs)}

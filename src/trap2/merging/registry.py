@@ -3,6 +3,9 @@
 ``@merge_method(...)`` turns a typed function ``fn(deltas: list[Tensor], **hparams) -> Tensor`` into a
 :class:`MergeMethod` and registers it; a duplicate name is an error. Hyperparameters are validated
 before the kernel runs, and the CLI's listing and the docs table come from these specs.
+
+A ``per_task`` method (EMR-Merging) returns one merged tensor per member, stacked (T, ...): member i is
+evaluated with its own slice, and ``merge_updates`` returns a :class:`~trap2.merging.PerTaskMerge`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,12 @@ class MergeMethod:
     summary: str
     reference: str
     hparams: dict[str, HParam] = field(default_factory=dict)
-    identity: dict[str, Any] = field(default_factory=dict)  # hparams under which one input is returned as is
+    # hparams under which one input is returned as is; None: no setting does (Iso-C flattens its spectrum)
+    identity: dict[str, Any] | None = field(default_factory=dict)
+    per_task: bool = False  # the kernel returns one result per member, stacked (T, ...)
+    # scope='model': per-member internal hparams computed once over the whole weighted update (full space),
+    # {name: [value per member]}; None: the TIES magnitude thresholds
+    model_scope: Callable[[list[dict[str, torch.Tensor]]], dict[str, list[Any]]] | None = None
 
     def resolve(self, **given: Any) -> dict[str, Any]:
         """Defaults filled in, unknown names and out-of-range values rejected."""
@@ -73,9 +81,13 @@ def merge_method(
     reference: str,
     hparams: dict[str, HParam] | None = None,
     identity: dict[str, Any] | None = None,
+    no_identity: bool = False,
+    per_task: bool = False,
+    model_scope: Callable[[list[dict[str, torch.Tensor]]], dict[str, list[Any]]] | None = None,
 ) -> Callable[[Kernel], MergeMethod]:
     def wrap(fn: Kernel) -> MergeMethod:
-        spec = MergeMethod(name, fn, summary, reference, dict(hparams or {}), dict(identity or {}))
+        ident = None if no_identity else dict(identity or {})
+        spec = MergeMethod(name, fn, summary, reference, dict(hparams or {}), ident, per_task, model_scope)
         return METHODS.register(name, spec)
 
     return wrap

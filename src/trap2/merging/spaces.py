@@ -14,6 +14,9 @@ that are not matrices (biases, norms) are merged in full space. KnOTS and Core r
 so a merge of LoRA adapters in those spaces is written back as a LoRA adapter. Branches of
 ``fan_in_fan_out`` layers (GPT-2 ``Conv1D``, which stores ΔWᵀ) are factored as ΔW = B·A (out, in), as PEFT
 computes it, and come back ``fan_in_fan_out``, so the adapter has PEFT's shapes (A: (r, in)).
+
+A ``per_task`` method's stacked result (T, ...) is mapped back slice by slice: the space then returns a
+list with one delta per member, each in the same shared basis.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from trap2.merging.registry import MergeMethod
 from trap2.registry import Registry
 from trap2.updates import Delta, LowRank
 
-SpaceFn = Callable[[MergeMethod, Sequence[Delta], dict[str, Any]], Delta]
+SpaceFn = Callable[[MergeMethod, Sequence[Delta], dict[str, Any]], "Delta | list[Delta]"]
 SPACES: Registry[SpaceFn] = Registry("merge space")
 
 
@@ -59,24 +62,31 @@ def _as_low_rank(b: torch.Tensor, a: torch.Tensor, like: torch.Tensor) -> Delta:
     return LowRank(a32, b32, 1.0)
 
 
-def merge_full(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]) -> Delta:
+def _each(
+    method: MergeMethod, result: torch.Tensor, back: Callable[[torch.Tensor], Delta]
+) -> Delta | list[Delta]:
+    """``back(result)``; for a per-task method, one ``back`` per member's slice of the stacked result."""
+    return [back(r) for r in result.unbind(0)] if method.per_task else back(result)
+
+
+def merge_full(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]) -> Delta | list[Delta]:
     if method.name == "ta" and _concatenable(members):
         # task arithmetic of LoRA branches is their concatenation: exact, and still a LoRA adapter
         a = torch.cat([d.A.to(torch.float32) * d.scaling for d in members], dim=0)  # (Σr, in[, kh, kw])
         b = torch.cat([d.B.to(torch.float32) for d in members], dim=1)  # (out, Σr[, 1, 1])
         return LowRank(a, b, 1.0, members[0].fan_in_fan_out)
-    return method([_dense(d) for d in members], **hp)
+    return _each(method, method([_dense(d) for d in members], **hp), lambda r: r)
 
 
 def _concatenable(members: Sequence[Delta]) -> bool:
     return all(isinstance(d, LowRank) for d in members) and len({d.fan_in_fan_out for d in members}) == 1
 
 
-def merge_knots(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]) -> Delta:
+def merge_knots(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]) -> Delta | list[Delta]:
     fan = _fan_in_fan_out(members, "knots")
     dense = [_dense(d) for d in members]
     if dense[0].dim() < 2:
-        return method(dense, **hp)
+        return _each(method, method(dense, **hp), lambda r: r)
     if fan:  # GPT-2 Conv1D stores ΔWᵀ (in, out): factor ΔW (out, in), as PEFT's B·A is, and as Linear is
         dense = [d.T for d in dense]
     like = dense[0]
@@ -86,9 +96,12 @@ def merge_knots(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any
     r = _rank(s, (mats[0].shape[0], n * len(mats)), like.dtype)
     v = vh[:r].T  # (T·n', r)
     per_task = [v[i * n : (i + 1) * n] for i in range(len(mats))]  # V_i: (n', r)
-    v_merged = method(per_task, **hp)
-    out = _as_low_rank(u[:, :r] * s[:r], v_merged.T, like)
-    return LowRank(out.A, out.B, out.scaling, True) if fan else out
+
+    def back(v_merged: torch.Tensor) -> Delta:
+        out = _as_low_rank(u[:, :r] * s[:r], v_merged.T, like)
+        return LowRank(out.A, out.B, out.scaling, True) if fan else out
+
+    return _each(method, method(per_task, **hp), back)
 
 
 def _fan_in_fan_out(members: Sequence[Delta], space: str) -> bool:
@@ -99,10 +112,10 @@ def _fan_in_fan_out(members: Sequence[Delta], space: str) -> bool:
     return fans == {True}
 
 
-def merge_core(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]) -> Delta:
+def merge_core(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]) -> Delta | list[Delta]:
     if not all(isinstance(d, LowRank) for d in members):
         if all(not isinstance(d, LowRank) and d.dim() < 2 for d in members):
-            return method(list(members), **hp)  # biases and norms: full space
+            return _each(method, method(list(members), **hp), lambda r: r)  # biases and norms: full space
         raise ConfigError("core space needs LoRA (low-rank) updates for every matrix; got a dense delta")
     fan = _fan_in_fan_out(members, "core")
     like = members[0].dense()
@@ -113,10 +126,13 @@ def merge_core(method: MergeMethod, members: Sequence[Delta], hp: dict[str, Any]
     _, s_a, vh_a = torch.linalg.svd(torch.cat(as_, dim=0), full_matrices=False)
     v_a = vh_a[: _rank(s_a, (sum(a.shape[0] for a in as_), vh_a.shape[1]), members[0].A.dtype)].T  # (n', R')
     cores = [u_b.T @ b @ a @ v_a for b, a in zip(bs, as_, strict=True)]  # (R, R') each
-    merged = method(cores, **hp)
-    out = _as_low_rank(u_b @ merged, v_a.T, like)
-    # fan_in_fan_out layers (GPT-2 Conv1D) store ΔWᵀ: B·A is computed untransposed, as PEFT does
-    return LowRank(out.A, out.B, out.scaling, True) if fan else out
+
+    def back(merged: torch.Tensor) -> Delta:
+        out = _as_low_rank(u_b @ merged, v_a.T, like)
+        # fan_in_fan_out layers (GPT-2 Conv1D) store ΔWᵀ: B·A is computed untransposed, as PEFT does
+        return LowRank(out.A, out.B, out.scaling, True) if fan else out
+
+    return _each(method, method(cores, **hp), back)
 
 
 SPACES.register("full", merge_full)

@@ -5,8 +5,9 @@ merge method and space, the evaluation context) and the cell's global optimum ``
 c and hyperparameters the global search found, with the merged delta), it returns the best setting it
 finds on validation. ``@search(...)`` registers it with what the runner checks before it runs: whether
 it needs the protected member's index, which merge methods it serves, whether it re-weights members
-inside the merge (so needs a pure-math merge method), and an optional ``prepare`` that replaces the
-pool the global search runs on.
+inside the merge (so needs a pure-math merge method), whether it needs one merged model (so refuses a
+per-task merge such as EMR-Merging's), and an optional ``prepare`` that replaces the pool the global
+search runs on.
 """
 
 from __future__ import annotations
@@ -19,12 +20,25 @@ import torch
 
 from trap2.attacks.context import EvalContext
 from trap2.errors import ConfigError
-from trap2.merging import merge_updates
+from trap2.merging import TaskDeltas, get_merge_method, merge_updates
 from trap2.registry import Registry
 from trap2.updates import Update
 
-# merges that need data besides the deltas (not in the pure-math registry); full space only
-DATA_METHODS = ("regmean",)
+# merges that need data besides the deltas (not in the pure-math registry); full space only:
+# {name: (summary, reference)}, for the CLI's listing
+DATA_METHOD_INFO: dict[str, tuple[str, str]] = {
+    "regmean": (
+        "per linear layer, the weights that best reproduce each member's layer outputs on 64 unlabelled "
+        "inputs of its task (data-dependent)",
+        "Jin et al., ICLR 2023, arXiv:2212.09849",
+    ),
+    "chain_of_merges": (
+        "RegMean layer by layer, each layer's input statistics recomputed with the earlier layers merged "
+        "(data-dependent)",
+        "Buzzega et al., 2025 (Chain of Merges); Trap² paper Table 5",
+    ),
+}
+DATA_METHODS = tuple(DATA_METHOD_INFO)
 
 
 @dataclass(frozen=True)
@@ -35,7 +49,7 @@ class GlobalOptimum:
 
     c: float
     score: float
-    merged: dict[str, torch.Tensor]
+    merged: dict[str, torch.Tensor] | TaskDeltas  # TaskDeltas: a per-task merge (EMR)
     hp: dict[str, Any]
     evaluations: int = 0
 
@@ -65,7 +79,9 @@ class Cell:
         """The first ``n`` training inputs of each member's task (labels never read)."""
         return [self.ctx.suite.task(t).train.x[:n] for t in self.tasks()]
 
-    def merge_fn(self, hp: Mapping[str, Any]) -> Callable[[Sequence[float]], dict[str, torch.Tensor]]:
+    def merge_fn(
+        self, hp: Mapping[str, Any]
+    ) -> Callable[[Sequence[float]], dict[str, torch.Tensor] | TaskDeltas]:
         """member weights -> merged dense delta; linear (no re-merge) for task arithmetic."""
         if self.method == "ta":
             dense = [u.dense() for u in self.pool]
@@ -104,6 +120,7 @@ class Search:
     reweights: bool = False  # weights members inside the merge: pure-math merge methods only
     methods: tuple[str, ...] | None = None  # the merge methods it serves (None: every one)
     prepare: Callable[[Cell], Sequence[Update]] | None = None  # the pool the global search runs on
+    one_model: bool = False  # works on one merged model: not for per-task merges (EMR)
 
     def check(self, cell: Cell) -> None:
         """Refuse a cell this search cannot run, with a one-line error."""
@@ -114,11 +131,20 @@ class Search:
             raise ConfigError(
                 f"search={self.name!r} runs with merge method {valid} only, not {cell.method!r}"
             )
+        if self.one_model and per_task_method(cell.method):
+            raise ConfigError(
+                f"search={self.name!r} works on one merged model; {cell.method} gives one per task"
+            )
         if cell.method in DATA_METHODS and (cell.space != "full" or self.reweights):
             raise ConfigError(
                 f"{cell.method} runs in full space, and not with a search that re-weights members "
                 f"(search={self.name!r})"
             )
+
+
+def per_task_method(method: str) -> bool:
+    """Whether ``method`` gives one merged model per task (EMR-Merging)."""
+    return method not in DATA_METHODS and get_merge_method(method).per_task
 
 
 SEARCH_REGISTRY: Registry[Search] = Registry("search")
@@ -132,9 +158,10 @@ def search(
     reweights: bool = False,
     methods: tuple[str, ...] | None = None,
     prepare: Callable[[Cell], Sequence[Update]] | None = None,
+    one_model: bool = False,
 ) -> Callable[[SearchFn], Search]:
     def wrap(fn: SearchFn) -> Search:
-        spec = Search(name, fn, summary, needs_protected, reweights, methods, prepare)
+        spec = Search(name, fn, summary, needs_protected, reweights, methods, prepare, one_model)
         return SEARCH_REGISTRY.register(name, spec)
 
     return wrap

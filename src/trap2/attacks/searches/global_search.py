@@ -17,21 +17,26 @@ import torch
 from trap2.attacks.context import update_key
 from trap2.attacks.search import search_coefficient
 from trap2.attacks.searches.base import DATA_METHODS, Cell, Found, GlobalOptimum, search
-from trap2.merging import INTERNAL_HPARAMS, get_merge_method, merge_updates
+from trap2.merging import INTERNAL_HPARAMS, TaskDeltas, get_merge_method, merge_updates
 
 
-def merged_at(cell: Cell, hp: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """merge(ΔW_1..ΔW_T) at hyperparameters ``hp`` as dense deltas."""
+def merged_at(cell: Cell, hp: Mapping[str, Any]) -> dict[str, torch.Tensor] | TaskDeltas:
+    """merge(ΔW_1..ΔW_T) at hyperparameters ``hp`` as dense deltas (one per member for a per-task
+    method)."""
     if cell.method in DATA_METHODS:
+        from trap2.attacks.chain_of_merges import chain_of_merges_delta
         from trap2.attacks.regmean import N_SAMPLES, regmean_delta
 
         ctx = cell.ctx
         dense = [u.dense() for u in cell.pool]
-        return regmean_delta(ctx.backbone, ctx.w0, dense, cell.unlabelled_inputs(N_SAMPLES))
+        merge = {"regmean": regmean_delta, "chain_of_merges": chain_of_merges_delta}[cell.method]
+        return merge(ctx.backbone, ctx.w0, dense, cell.unlabelled_inputs(N_SAMPLES))
     return merge_updates(cell.pool, cell.method, cell.space, **hp).dense()
 
 
-def _coefficient_search(cell: Cell, hp: Mapping[str, Any]) -> tuple[float, float, dict[str, torch.Tensor]]:
+def _coefficient_search(
+    cell: Cell, hp: Mapping[str, Any]
+) -> tuple[float, float, dict[str, torch.Tensor] | TaskDeltas]:
     merged = merged_at(cell, hp)  # once per hyperparameter setting
     ctx = cell.ctx
     found = search_coefficient(lambda c: ctx.val_score(ctx.params(merged, c)), cell.grid)

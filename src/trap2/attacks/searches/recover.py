@@ -21,6 +21,8 @@ def _recover_search(k: int):
 
 
 for _k in KS:
-    search(f"recover{_k}", summary=f"the global optimum fine-tuned on {_k} labelled samples per task")(
-        _recover_search(_k)
-    )
+    search(
+        f"recover{_k}",
+        summary=f"the global optimum fine-tuned on {_k} labelled samples per task",
+        one_model=True,
+    )(_recover_search(_k))

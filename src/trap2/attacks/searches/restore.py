@@ -29,7 +29,12 @@ def restore_member(
     return rest
 
 
-@search("restore", summary="the protected member's remnant replaced by the member at 1", needs_protected=True)
+@search(
+    "restore",
+    summary="the protected member's remnant replaced by the member at 1",
+    needs_protected=True,
+    one_model=True,
+)
 def restore(cell: Cell, best: GlobalOptimum) -> Found:
     ctx, p = cell.ctx, cell.protected
     member = cell.pool[p].dense()
