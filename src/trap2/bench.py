@@ -28,7 +28,8 @@ from trap2.attacks.context import update_key
 from trap2.config import TrainConfig, config_hash, from_dict, help_field, to_dict
 from trap2.errors import ConfigError
 from trap2.eval.evaluate import base_state
-from trap2.eval.report import pct, threats_table
+from trap2.eval.report import pct
+from trap2.eval.threats import threats_lines
 from trap2.io import write_json, write_text
 from trap2.pipeline import CURVE_SCALES, DemoConfig, evaluate_protection, trained_pool
 from trap2.progress import LogReporter, Reporter
@@ -65,6 +66,12 @@ class BenchConfig:
         "the searches the baselines get (null: all; see DemoConfig)", None
     )
     scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
+    threats: str | None = help_field(
+        "the attacker grid of every cell (docs/threats.md): 'quick', 'full', or null = none (the CLI's "
+        "--threats)",
+        None,
+        hash_default=False,
+    )
     device: str | None = help_field(
         "where training and evaluation run ('cpu', 'cuda', 'cuda:N', 'auto'); null = the train configs'", None
     )
@@ -105,6 +112,7 @@ class BenchConfig:
             baselines=self.baselines,
             baseline_searches=self.baseline_searches,
             scales=self.scales,
+            threats=self.threats,
         )
 
     def target_list(self, suite: Suite) -> list[str]:
@@ -226,7 +234,7 @@ def _summary(mode: str, report: Mapping[str, Any]) -> dict[str, Any]:
         "acc_s0.5": at(0.5),
         "acc_s2": at(2.0),
         "merges": merges,
-        "threats": threats_table(dict(report)),
+        "threats": threats_lines(dict(report)),
         "wall_seconds": report.get("wall_seconds"),
     }
 

@@ -217,6 +217,13 @@ def train(
     )
 
 
+# the attacker grid (docs/threats.md): recovery, un-trapping and distillation over lr × steps × samples × ...
+ThreatsOpt = Annotated[
+    str | None,
+    typer.Option(help="also run the attacker grid: 'quick' or 'full' (docs/threats.md); default none"),
+]
+
+
 @app.command()
 @objective_options
 def demo(
@@ -234,6 +241,7 @@ def demo(
     fresh: Annotated[bool, typer.Option("--fresh", help="retrain instead of reusing cached updates")] = False,
     config: ConfigOpt = None,
     threads: Threads = 0,
+    threats: ThreatsOpt = None,
 ) -> None:
     """The main job: 8 plain updates + a protected one, standalone, scaling curve and merges."""
     from trap2.demo import run_demo
@@ -241,8 +249,9 @@ def demo(
 
     _threads(threads)
     cfg = _demo_config(
-        config, objective, suite=suite, target=target, steps=steps, mode=mode, seed=seed, device=device
-    )
+        config, objective, suite=suite, target=target, steps=steps, mode=mode, seed=seed, device=device,
+        threats=threats,
+    )  # fmt: skip
     with RichReporter() as reporter:
         report = run_demo(cfg, out, fresh=fresh, reporter=reporter)
     _print_summary(report, f"trap2 demo: suite {report['suite']}, protected task {report['target']}", out)
@@ -336,6 +345,7 @@ def audit(
     ] = False,
     config: ConfigOpt = None,
     threads: Threads = 0,
+    threats: ThreatsOpt = None,
 ) -> None:
     """How well is a released update protected: standalone, scaling curve, attack matrix and heat map.
 
@@ -355,6 +365,7 @@ def audit(
         device=device,
         methods=_csv(methods),
         spaces=_csv(spaces),
+        threats=threats,
     )
     tasks = task or []
     if base is not None:
@@ -420,6 +431,7 @@ def bench(
     fresh: Annotated[bool, typer.Option("--fresh", help="redo every cell and retrain every update")] = False,
     config: ConfigOpt = None,
     threads: Threads = 0,
+    threats: ThreatsOpt = None,
 ) -> None:
     """The paper's experiment on a suite: LoRA and full, unprotected vs protected, the whole matrix.
 
@@ -436,6 +448,7 @@ def bench(
     raw = load_yaml(config) if config else {}
     given = {"suite": suite, "modes": _csv(modes), "targets": _csv(protected or targets)}
     given.update(tasks=_csv(tasks), methods=_csv(methods), spaces=_csv(spaces), device=device)
+    given["threats"] = threats
     raw.update({k: v for k, v in given.items() if v is not None})
     cfg = from_dict(BenchConfig, raw, "bench")
     with RichReporter() as reporter:

@@ -63,8 +63,9 @@ class DemoConfig:
         "searches besides the global one: per_task, pinned and prodistill (task arithmetic: per-member, "
         "member pinned at 1, per-layer coefficients distilled from unlabelled samples), restore (every "
         "other method: the protected member put back at its nominal scale after the merge), untrap "
-        "(every method: the member fine-tuned on 100 labelled samples to work at every scale first), "
-        "recover10 / recover100 (every method: the merge fine-tuned on 10 / 100 labelled samples per task)",
+        "(every method: the member fine-tuned on 100 labelled samples to work at every scale first), distill "
+        "(every method: the member distilled at s = 1 on 100 unlabelled samples into a student with the other "
+        "members' norm, DisTaC-style), recover10 / recover100 (every method: the merge fine-tuned on 10 / 100 labelled samples per task)",
         ("per_task", "pinned"),
     )
     hparam_search: bool = help_field(
@@ -79,8 +80,17 @@ class DemoConfig:
         None,
     )
     scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
+    threats: str | None = help_field(
+        "the attacker grid run after the matrix (docs/threats.md): 'quick', 'full', or null = none",
+        None,
+        hash_default=False,
+    )
 
     def __post_init__(self) -> None:
+        if self.threats is not None:
+            from trap2.attacks.grid import get_grid
+
+            get_grid(self.threats)  # validates the name
         if self.train.objective.name == "none":
             raise ConfigError(
                 "demo: train.objective must be a protecting objective (e.g. 'trap2'), not 'none'"
@@ -119,7 +129,7 @@ class DemoConfig:
             return ["full"] if m == "ta" or m in DATA_METHODS else spaces
 
         out = [(m, sp, "global") for m in self.methods for sp in where(m)]
-        every = ("untrap", "recover10", "recover100")  # every method, TA included
+        every = ("untrap", "distill", "recover10", "recover100")  # every method, TA included
         if "ta" in self.methods:
             out += [("ta", "full", se) for se in self.extra_searches if se in (*TA_SEARCHES, *every)]
         for se in self.extra_searches:
@@ -249,6 +259,15 @@ def evaluate_protection(
                     baselines.append({**rec, "defense": name})
                     advance(1)
 
+    threats = None
+    if cfg.threats is not None:
+        from trap2.attacks.grid import get_grid, run_grid
+
+        grid = get_grid(cfg.threats)
+        n = len(grid.attacks) * len(grid.points())
+        with reporter.stage(f"threats: attacker grid ({cfg.threats})", n) as advance:
+            threats = run_grid(ctx, pools, tasks.index(target), grid, cfg.threats, lambda _a, _p: advance(1))
+
     report = {
         "suite": suite.name,
         "target": target,
@@ -259,6 +278,7 @@ def evaluate_protection(
         "scaling_curve": {"s": list(cfg.scales), "unprotected": curve_plain, "protected": curve_prot},
         "attacks": attacks,
         **({"baselines": baselines} if baselines else {}),
+        **({"threats": threats} if threats is not None else {}),
         "config": to_dict(cfg),
         "wall_seconds": time.perf_counter() - t0,
         **(extra or {}),

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 import torch
 from torch.func import functional_call
 
-from trap2.suites.base import Suite
+from trap2.attacks.finetune import AttackPoint, fit_delta
+from trap2.suites.base import Suite, Task
+from trap2.updates import LowRank
 
 KS = (10, 100)
 STEPS = 100
@@ -62,3 +64,33 @@ def recover(
         torch.nn.utils.clip_grad_norm_(list(weights.values()), 1.0)
         opt.step()
     return {n: (w.detach() - w0[n]) for n, w in weights.items()}
+
+
+def recover_at(
+    backbone: torch.nn.Module,
+    tasks: list[Task],
+    w0: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor],
+    point: AttackPoint,
+) -> dict[str, torch.Tensor | LowRank]:
+    """Recovery at one attacker-grid point (:class:`~trap2.attacks.finetune.AttackPoint`): ``delta``
+    (the merge, or zeros for the same recovery from W0) fine-tuned on ``point.samples`` labelled samples
+    per task, every weight or a LoRA branch on top, AdamW or SGD; cross-entropy over all tasks each step.
+    Returns the recovered delta over ``delta``'s tensors."""
+    device = next(iter(w0.values())).device
+    gen = torch.Generator().manual_seed(point.seed)
+    data = [
+        (t.head_on(device), t.loss, t.train.x[: point.samples].to(device), t.train.y[: point.samples])
+        for t in tasks
+    ]
+
+    def loss(params_at, _step: int) -> torch.Tensor:
+        params, total = params_at(1.0), torch.zeros((), device=device)
+        for head, loss_fn, x, y in data:
+            idx = torch.randperm(len(y), generator=gen)[: point.batch]
+            feats = functional_call(backbone, params, (x[idx.to(device)],), strict=False)
+            total = total + loss_fn(head(feats), y[idx].to(device))
+        return total / len(data)
+
+    base = {n: d.to(w0[n]) for n, d in delta.items()}
+    return fit_delta(w0, base, list(delta), point, loss)

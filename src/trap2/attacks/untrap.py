@@ -7,9 +7,14 @@ the attacker labelled data and compute, and it is measured with the same budget 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
+import torch
+from torch.func import functional_call
+
+from trap2.attacks.finetune import AttackPoint, fit_delta
 from trap2.config import ObjectiveConfig, TrainConfig
-from trap2.suites.base import Split, Suite
+from trap2.suites.base import Split, Suite, Task
 from trap2.updates import Update
 
 K = 100
@@ -43,3 +48,37 @@ def untrap(
         {"untrapped_from": update.meta.get("objective"), "untrap": {"k": k, "steps": steps}}
     )
     return result.update
+
+
+def untrap_at(
+    backbone: torch.nn.Module,
+    w0: Mapping[str, torch.Tensor],
+    update: Update,
+    task: Task,
+    point: AttackPoint,
+    from_w0: bool = False,
+    lam: float = LAM,
+) -> Update:
+    """Un-trapping at one attacker-grid point: the ``flatten`` objective J = L(1) + λ·w(s)·L(s) (one s
+    a step, the objective's default law and weight) on ``point.samples`` labelled samples of ``task``,
+    starting from ``update`` (its LoRA factors under LoRA, its dense ΔW under full) or, with ``from_w0``,
+    from W0 (the same budget spent on a fresh update: the reference without the release)."""
+    from trap2.objectives.trap2 import sample_scales, scale_weight
+
+    device = next(iter(w0.values())).device
+    cfg = ObjectiveConfig(name="flatten", lam=lam)
+    gen = torch.Generator().manual_seed(point.seed)
+    head, loss_fn = task.head_on(device), task.loss
+    x, y = task.train.x[: point.samples].to(device), task.train.y[: point.samples].to(device)
+
+    def loss(params_at, _step: int) -> torch.Tensor:
+        idx = torch.randperm(len(y), generator=gen)[: point.batch].to(device)
+        (s,) = sample_scales(cfg, 1, gen)
+        nominal = loss_fn(head(functional_call(backbone, params_at(1.0), (x[idx],), strict=False)), y[idx])
+        off = loss_fn(head(functional_call(backbone, params_at(s), (x[idx],), strict=False)), y[idx])
+        return nominal + lam * scale_weight(cfg.weight, s) * off
+
+    names = [n for n in update.deltas if n in w0]
+    trained = fit_delta(w0, {}, names, point, loss, init=None if from_w0 else update.deltas)
+    meta = {**update.meta, "untrap": {**point.record(), "from_w0": from_w0}}
+    return Update(dict(trained), meta)

@@ -57,7 +57,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {method} | {a['space']} | {a['search']} | {pool} | {coef} | "
             f"{pct(a['acc'][target])} | {pct(a['acc']['mean'])} | {verdict} |"
         )
-    lines += ["", *table2(report), *threats_table(report), f"Wall time: {report['wall_seconds']:.0f} s.", ""]
+    from trap2.eval.threats import distill_lines, grid_lines  # the threats part (docs/threats.md)
+
+    lines += ["", *table2(report), *threats_table(report), *distill_lines(report), *grid_lines(report)]
+    lines += [f"Wall time: {report['wall_seconds']:.0f} s.", ""]
     return "\n".join(lines)
 
 

@@ -16,7 +16,16 @@ from trap2.attacks.searches.base import (
 
 # importing the modules registers the searches, in this order
 # isort: off
-from trap2.attacks.searches import global_search, per_task, pinned, restore, untrap, prodistill, recover
+from trap2.attacks.searches import (
+    global_search,
+    per_task,
+    pinned,
+    restore,
+    untrap,
+    distill,
+    prodistill,
+    recover,
+)
 
 # isort: on
 from trap2.attacks.searches.global_search import global_optimum
@@ -35,6 +44,7 @@ __all__ = [
     "Found",
     "GlobalOptimum",
     "Search",
+    "distill",
     "global_optimum",
     "global_search",
     "per_task",
