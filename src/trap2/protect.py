@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from trap2.config import ObjectiveConfig, TrainConfig, help_field, to_dict
+from trap2.config import ObjectiveConfig, TrainConfig, help_field
 from trap2.errors import ConfigError, DataError, UpdateFileError
 from trap2.eval.evaluate import base_state
 from trap2.io import load_tensors
@@ -241,23 +241,30 @@ def _agreement(
     )
 
 
-def protect_update(
+@dataclass
+class ProtectRun:
+    """A prepared protect phase: the loop's run state (student, optimiser, teacher outputs as its training
+    targets), the task, and what the release records. :func:`protect_update` steps it to the end;
+    ``benchmarks/protect_cost.py`` times its steps."""
+
+    run: _Run
+    task: Task
+    n_inputs: int
+    test_teacher: torch.Tensor  # (N_test, C): the teacher's outputs on the task's test inputs
+    teacher: dict[str, Any]  # recorded in the release: the teacher's fingerprint and metadata
+
+
+def prepare_protect(
     suite: Suite,
     update: Update,
     cfg: ProtectConfig | None = None,
     inputs: torch.Tensor | None = None,
     task: str | None = None,
     force: bool = False,
-    progress: Callable[[int, dict[str, float]], None] | None = None,
     where: str = "update",
-) -> ProtectResult:
-    """Protect ``update`` (made on ``suite``'s backbone for ``task``, default: the task it records).
-
-    ``inputs``: unlabelled inputs of the task, (N, ...) like the task's own (default: its training
-    inputs, labels dropped). ``force``: protect an update that already carries Trap² settings again,
-    with it as the teacher (its settings are kept under ``teacher``). The result is not saved:
-    ``result.update.save(out, peft_model=result.peft_model)``.
-    """
+) -> ProtectRun:
+    """Check the update and the inputs (one-line errors), build the student from the update and compute
+    the teacher's outputs once; see :func:`protect_update`."""
     cfg = cfg or ProtectConfig()
     task_name = task or update.meta.get("task")
     if task_name is None:
@@ -287,7 +294,6 @@ def protect_update(
     torch.manual_seed(train.seed)
     model, w0 = _model(suite, t, update, mode, device)
     teacher = teacher_outputs(model, x)  # (N, C), frozen
-    test_teacher = teacher_outputs(model, t.test.x)
     if cfg.targets == "teacher":
         run_task = dataclasses.replace(t, train=Split(x, teacher))
         objective = SelfDistillObjective(train.objective, cfg.match, cfg.temperature)
@@ -303,24 +309,43 @@ def protect_update(
         train, run_task, objective, device, model, ScaledModel(model, mode, w0), params, opt, sched, w0,
         gen, torch.Generator().manual_seed(train.seed + 1), torch.randperm(len(x), generator=gen),
     )  # fmt: skip
+    recorded = {"fingerprint": update_fingerprint(update), "meta": dict(update.meta)}
+    return ProtectRun(run, t, int(len(x)), teacher_outputs(model, t.test.x), recorded)
+
+
+def protect_update(
+    suite: Suite,
+    update: Update,
+    cfg: ProtectConfig | None = None,
+    inputs: torch.Tensor | None = None,
+    task: str | None = None,
+    force: bool = False,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+    where: str = "update",
+) -> ProtectResult:
+    """Protect ``update`` (made on ``suite``'s backbone for ``task``, default: the task it records).
+
+    ``inputs``: unlabelled inputs of the task, (N, ...) like the task's own (default: its training
+    inputs, labels dropped). ``force``: protect an update that already carries Trap² settings again,
+    with it as the teacher (its settings are kept under ``teacher``). Nothing is written: save the
+    result with ``result.update.save(out, peft_model=result.peft_model)``.
+    """
+    cfg = cfg or ProtectConfig()
+    p = prepare_protect(suite, update, cfg, inputs, task, force, where)
+    run, train = p.run, p.run.cfg
     for step in range(1, train.steps + 1):
         if _step(run, step) and (step % train.eval_every == 0 or step == train.steps):
             _evaluate(run, step, progress)
-    released: TrainResult = _release(run, suite, t.name)
-    agreement, acc, acc_teacher = _agreement(model, t.test.x, test_teacher, t.test.y)
+    released: TrainResult = _release(run, suite, p.task.name)
+    agreement, acc, acc_teacher = _agreement(run.model, p.task.test.x, p.test_teacher, p.task.test.y)
     meta = released.update.meta
     meta["protect"] = {
         "targets": cfg.targets,
         "match": cfg.match,
         "temperature": cfg.temperature,
-        "inputs": int(len(x)),
+        "inputs": p.n_inputs,
         "steps": train.steps,
         "agreement_test": agreement,
     }
-    meta["teacher"] = {"fingerprint": update_fingerprint(update), "meta": dict(update.meta)}
+    meta["teacher"] = p.teacher
     return ProtectResult(released.update, released.peft_model, agreement, acc_teacher, acc, released.history)
-
-
-def protect_settings(cfg: ProtectConfig) -> dict[str, Any]:
-    """The settings as JSON (for reports)."""
-    return to_dict(cfg)
