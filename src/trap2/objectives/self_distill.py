@@ -36,8 +36,19 @@ from trap2.scaling import ScaledModel
 MATCHES = ("kl", "mse")
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)) over the last dimension, mean over the rest."""
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of (N, ...) values over the positions where ``mask`` (same shape) is nonzero; all if None."""
+    if mask is None:
+        return values.mean()
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp_min(1.0)
+
+
+def distill_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)) over the last dimension, mean over the rest
+    (over the positions ``mask`` keeps, e.g. a token batch's attention mask (N, L))."""
     if student.shape != teacher.shape:
         raise ConfigError(
             f"student outputs {tuple(student.shape)} but teacher outputs {tuple(teacher.shape)}"
@@ -45,13 +56,17 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
     s = F.log_softmax(student.float() / temperature, dim=-1)
     kl = (t.exp() * (t - s)).sum(-1)  # (N, ...)
-    return temperature**2 * kl.mean()
+    return temperature**2 * _masked_mean(kl, mask)
 
 
-def teacher_ce(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the student against the teacher's top-1 class, mean over samples (and tokens)."""
+def teacher_ce(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy of the student against the teacher's top-1 class, mean over samples (and the
+    positions ``mask`` keeps)."""
     target = teacher.argmax(-1)  # (N, ...)
-    return F.cross_entropy(student.float().reshape(-1, student.shape[-1]), target.reshape(-1))
+    ce = F.cross_entropy(student.float().reshape(-1, student.shape[-1]), target.reshape(-1), reduction="none")
+    return _masked_mean(ce.reshape(target.shape), mask)
 
 
 class SelfDistillObjective:
