@@ -97,7 +97,8 @@ def main() -> None:
                 _step(run, step)
             times[name].append((time.perf_counter() - t0) / args.steps)
     step_s = {name: statistics.median(v) for name, v in times.items()}
-    x = prepared.run.task.train.x
+    # the protect phase runs its teacher on the inputs it sees: at most steps × batch size of them
+    x = prepared.run.task.train.x[: args.protect_steps * (args.protect_batch_size or args.batch_size)]
     teacher_s = []
     for _ in range(3):
         t0 = time.perf_counter()

@@ -128,6 +128,7 @@ def test_protect_lora_starts_exactly_at_the_teacher(digits, plain_lora):
     cfg = ProtectConfig(train=dataclasses.replace(PROTECT.train, steps=1, lr=1e-12))
     r = protect_update(digits, load_update(plain_lora), cfg)
     assert r.agreement == 1.0 and r.acc_protected == r.acc_teacher
+    assert r.update.meta["protect"]["inputs"] == 64  # 1 step × batch 64: the teacher ran on those only
 
 
 def test_protect_dense_update(digits):

@@ -249,7 +249,7 @@ class ProtectRun:
 
     run: _Run
     task: Task
-    n_inputs: int
+    n_inputs: int  # the inputs the teacher ran on (at most steps × batch size)
     test_teacher: torch.Tensor  # (N_test, C): the teacher's outputs on the task's test inputs
     teacher: dict[str, Any]  # recorded in the release: the teacher's fingerprint and metadata
 
@@ -293,6 +293,9 @@ def prepare_protect(
     device = resolve_device(train.device)
     torch.manual_seed(train.seed)
     model, w0 = _model(suite, t, update, mode, device)
+    seen = train.steps * train.batch_size
+    if cfg.targets == "teacher" and len(x) > seen:  # the teacher runs on the inputs the run sees
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(train.seed))[:seen]]
     teacher = teacher_outputs(model, x)  # (N, C), frozen
     if cfg.targets == "teacher":
         run_task = dataclasses.replace(t, train=Split(x, teacher))
@@ -326,7 +329,8 @@ def protect_update(
     """Protect ``update`` (made on ``suite``'s backbone for ``task``, default: the task it records).
 
     ``inputs``: unlabelled inputs of the task, (N, ...) like the task's own (default: its training
-    inputs, labels dropped). ``force``: protect an update that already carries Trap² settings again,
+    inputs, labels dropped; more than the run's steps × batch size sees: a seeded subset of that many, so
+    the teacher runs on no input the student does not see). ``force``: protect an update that already carries Trap² settings again,
     with it as the teacher (its settings are kept under ``teacher``). Nothing is written: save the
     result with ``result.update.save(out, peft_model=result.peft_model)``.
     """
