@@ -220,3 +220,32 @@ def test_cli_refuses_a_protected_update_and_empty_inputs(monkeypatch, capsys, pl
     assert code == 2 and "no inputs" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
     assert run_cli(monkeypatch, capsys, "protect", first, "--out", out, "--steps", "1", "--force")[0] == 0
+
+
+def test_cli_protect_on_a_model_folder(monkeypatch, capsys, digits, plain_lora, tmp_path):
+    """--base MODEL --task NAME=:DATA builds the one-task suite from the files (files_suite, faked here by
+    the digits task: the command path only) and protects the update on it; --suite with --base is refused."""
+    from trap2.suites import files
+
+    calls = []
+
+    def files_suite(base, tasks, **kw):
+        calls.append((base, [t.name for t in tasks]))
+        return dataclasses.replace(digits, name="files", tasks={t.name: digits.task("rot90") for t in tasks})
+
+    monkeypatch.setattr(files, "files_suite", files_suite)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "rot90.jsonl").write_text('{"text": "unused by the fake suite", "label": 0}\n')
+    spec = f"rot90=:{tmp_path / 'rot90.jsonl'}"
+    out = tmp_path / "protected"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "protect", plain_lora, "--base", tmp_path / "model", "--task", spec,
+        "--out", out, "--steps", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert calls == [(tmp_path / "model", ["rot90"])] and load_update(out).meta["task"] == "rot90"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "protect", plain_lora, "--base", tmp_path / "model", "--suite", "digits",
+        "--task", spec, "--out", tmp_path / "other",
+    )  # fmt: skip
+    assert code == 2 and "--base" in err and not (tmp_path / "other").exists()

@@ -506,7 +506,16 @@ def protect(
         str | None,
         typer.Option(help="suite the update was made on: name or package.module:function (default: digits)"),
     ] = None,
-    task: Annotated[str | None, typer.Option(help="the update's task (default: recorded in it)")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="the update's task (default: recorded in it); with --base: NAME=:DATA, the task's data file"
+        ),
+    ] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option(help="a Hugging Face model folder the update was made on (with --task NAME=:DATA)"),
+    ] = None,
     inputs: Annotated[
         str,
         typer.Option(
@@ -551,9 +560,20 @@ def protect(
     )
     data["train"] = dataclasses.asdict(train)
     cfg = from_dict(ProtectConfig, data, "protect")
-    st = get_suite(suite or raw.get("suite", "digits"))
     given = load_update(update)
-    task_name = task or raw.get("task") or given.meta.get("task")
+    if base is not None:  # a suite of one task from a model folder and its data file (trap2 audit --base's)
+        from trap2.files_job import FilesOptions, build_suite, parse_task
+
+        if suite is not None or task is None:
+            raise UnknownNameError("--base takes the task from --task NAME=:DATA, not --suite")
+        spec = parse_task(task)
+        st, task_name = (
+            build_suite(base, [spec], FilesOptions(seed=seed or 0, device=device or "cpu")),
+            spec.name,
+        )
+    else:
+        st = get_suite(suite or raw.get("suite", "digits"))
+        task_name = task or raw.get("task") or given.meta.get("task")
     x = None if inputs == "train" or task_name is None else load_inputs(inputs, st.task(task_name))
     result = protect_update(
         st, given, cfg, inputs=x, task=task_name, force=force, where=str(update),
