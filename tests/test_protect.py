@@ -249,3 +249,27 @@ def test_cli_protect_on_a_model_folder(monkeypatch, capsys, digits, plain_lora, 
         "--task", spec, "--out", tmp_path / "other",
     )  # fmt: skip
     assert code == 2 and "--base" in err and not (tmp_path / "other").exists()
+
+
+def test_cost_benchmark_reports_consistent_ratios(plain_lora, tmp_path):
+    """benchmarks/protect_cost.py in a tiny run: the ratios are the compute of each run over plain's."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "protect_cost.py"
+    out = tmp_path / "cost.json"
+    args = ["--update", plain_lora, "--plain-steps", "600", "--protect-steps", "60", "--scratch-steps", "600"]
+    args += ["--steps", "1", "--rounds", "1", "--out", out]
+    done = subprocess.run(
+        [sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "protect / original fine-tuning" in done.stdout
+    r = json.loads(out.read_text())
+    c, step = r["compute_seconds"], r["step_seconds"]
+    assert c["plain"] == pytest.approx(600 * step["none"])
+    assert c["protect"] == pytest.approx(60 * step["trap2_distill"] + r["teacher_pass_seconds"])
+    assert r["ratios"]["plain_then_protect_over_plain"] == pytest.approx(1 + c["protect"] / c["plain"])
+    assert r["kind"] == "protect-cost" and {"command", "threads", "machine", "wall_seconds"} <= set(r)
