@@ -28,7 +28,10 @@ def cli(*args, cwd=None):
     [
         (["--lam", "-1"], "lam must be >= 0"),
         (["--delta", "0.96"], "need delta < 1 - s_min"),
-        (["--objective", "trap3"], "unknown objective 'trap3'; valid: flatten, none, trap2, trap2_split"),
+        (
+            ["--objective", "trap3"],
+            "unknown objective 'trap3'; valid: flatten, none, trap2, trap2_distill, trap2_split",
+        ),
         (
             ["--suite", "cifar"],
             "unknown suite 'cifar'; valid: clip8, digits, math, text-transformer, vision-cnn",

@@ -16,7 +16,7 @@ from trap2.suites.base import CosineHead, TaskModel
 
 def test_registry_lists_and_rejects():
     assert {"none", "trap2"} <= set(OBJECTIVES.names())
-    with pytest.raises(UnknownNameError, match="valid: flatten, none, trap2, trap2_split"):
+    with pytest.raises(UnknownNameError, match="valid: flatten, none, trap2, trap2_distill, trap2_split"):
         get_objective("trap3")
     with pytest.raises(ValueError, match="already registered"):
         OBJECTIVES.register("trap2", OBJECTIVES.get("trap2"))

@@ -509,6 +509,97 @@ def merge(
 
 
 @app.command()
+@objective_options
+def protect(
+    update: Annotated[
+        Path, typer.Argument(help="the update to protect: a PEFT adapter folder or a dense delta")
+    ],
+    out: Annotated[Path, typer.Option(help="folder for the protected update (same format as the given one)")],
+    suite: Annotated[
+        str | None,
+        typer.Option(help="suite the update was made on: name or package.module:function (default: digits)"),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="the update's task (default: recorded in it); with --base: NAME=:DATA, the task's data file"
+        ),
+    ] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option(help="a Hugging Face model folder the update was made on (with --task NAME=:DATA)"),
+    ] = None,
+    inputs: Annotated[
+        str,
+        typer.Option(
+            help="unlabelled inputs: 'train' or 'val' (the task's split, labels dropped) or a .safetensors file"
+        ),
+    ] = "train",
+    targets: Annotated[
+        str | None,
+        typer.Option(help="'teacher' (self-distillation, no labels) or 'labels' (trap2 from the update)"),
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps of the protect phase")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="mini-batch size")] = None,
+    # --lam, --s-min, --law, --collateral, ...: one option per ObjectiveConfig field (objective_options)
+    objective: dict[str, Any] | None = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    device: DeviceOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="protect an update that already carries Trap² settings again")
+    ] = False,
+    config: ConfigOpt = None,
+    threads: Threads = 0,
+) -> None:
+    """Protect an update you already have: self-distillation from its own predictions, no labels needed."""
+    from trap2.config import from_dict, load_yaml, to_dict
+    from trap2.protect import ProtectConfig, load_inputs, protect_update
+    from trap2.suites import get_suite
+    from trap2.updates import load_update
+
+    _threads(threads)
+    raw = load_yaml(config) if config else {}
+    unknown = sorted(set(raw) - {"suite", "task", "protect"})
+    if unknown:
+        raise Trap2Error(
+            f"{config}: unknown top-level key(s) {', '.join(unknown)}; valid: suite, task, protect"
+        )
+    data = {**to_dict(ProtectConfig()), **raw.get("protect", {})}
+    if targets is not None:
+        data["targets"] = targets
+    train = _train_config(
+        data["train"], objective, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device
+    )
+    data["train"] = dataclasses.asdict(train)
+    cfg = from_dict(ProtectConfig, data, "protect")
+    given = load_update(update)
+    if base is not None:  # a suite of one task from a model folder and its data file (trap2 audit --base's)
+        from trap2.files_job import FilesOptions, build_suite, parse_task
+
+        if suite is not None or task is None:
+            raise UnknownNameError("--base takes the task from --task NAME=:DATA, not --suite")
+        spec = parse_task(task)
+        st, task_name = (
+            build_suite(base, [spec], FilesOptions(seed=seed or 0, device=device or "cpu")),
+            spec.name,
+        )
+    else:
+        st = get_suite(suite or raw.get("suite", "digits"))
+        task_name = task or raw.get("task") or given.meta.get("task")
+    x = None if inputs == "train" or task_name is None else load_inputs(inputs, st.task(task_name))
+    result = protect_update(
+        st, given, cfg, inputs=x, task=task_name, force=force, where=str(update),
+        progress=lambda step, row: typer.echo(f"step {step:>5}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")),
+    )  # fmt: skip
+    result.update.save(out, peft_model=result.peft_model)
+    typer.echo(
+        f"saved {out}  agreement with the original {100 * result.agreement:.1f}%  test acc "
+        f"{100 * result.acc_teacher:.1f}% -> {100 * result.acc_protected:.1f}%  (audit it: trap2 audit {out})"
+    )
+
+
+@app.command()
 def objectives() -> None:
     """List the registered training objectives."""
     from trap2.objectives import OBJECTIVES

@@ -1,0 +1,114 @@
+"""``trap2 protect`` inside ``transformers.Trainer``: protect the adapter (or fine-tuned model) you give
+it, by self-distillation on unlabelled inputs.
+
+``Trap2ProtectTrainer(model=model_with_your_update, args=Trap2TrainingArguments(...), train_dataset=
+unlabelled)``: the teacher is a frozen copy of the model as given (its update at s = 1, eval mode); the
+student is the model itself. Per micro-batch, with t the teacher's logits (computed without gradient):
+
+    J = T²·KL(softmax(t/T) ‖ softmax(f_1/T)) − λ·w(s)·b(CE(f_s, argmax t))
+
+(:mod:`trap2.objectives.self_distill`; s, w, b and λ from the ``trap2_*`` arguments, s drawn per
+optimizer step as in :class:`trap2.hf.Trap2Trainer`). Token logits (B, L, V) are averaged over the
+batch's ``attention_mask``. Labels in the batch are ignored. The off-nominal backward runs inside the
+scaled context, the nominal loss is returned, as in ``Trap2Mixin``. The teacher copy costs one more
+model in memory (LoRA: the base weights too); ``teacher=`` takes a model you already hold instead.
+``save_update`` records the protection settings and the teacher's fingerprint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from trap2.hf.trainer import Trap2Mixin
+from trap2.objectives.base import same_random_draws
+from trap2.objectives.self_distill import distill_loss, teacher_ce
+from trap2.objectives.trap2 import bounded, scale_weight
+from trap2.updates import Update, tensors_fingerprint
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out["logits"] if isinstance(out, dict) or hasattr(out, "keys") else out.logits
+
+
+class Trap2ProtectMixin(Trap2Mixin):
+    """Mix in before a ``Trainer`` subclass; see the module docstring."""
+
+    def __init__(self, *args: Any, teacher: nn.Module | None = None, temperature: float = 1.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.trap2_config = dataclasses.replace(self.trap2_config, name="trap2_distill")
+        self.trap2_temperature = float(temperature)
+        self.loss_is_scaled_for_ga = False  # J is a per-batch mean: scaled for accumulation like any
+        model = self.model
+        self.trap2_teacher = teacher if teacher is not None else copy.deepcopy(model)
+        self.trap2_teacher.eval().requires_grad_(False)
+        given = self._trap2_update(model)
+        self.trap2_teacher_record = {
+            "fingerprint": tensors_fingerprint(given),
+            "trainer": type(self).__name__,
+        }
+
+    def _trap2_update(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The update the model holds now: its LoRA branches (dense), or its trainable parameters − W0."""
+        if self.trap2_mode == "lora":
+            return Update.from_peft_model(model).dense()
+        return {
+            n: (p.detach() - self._trap2_scaled.w0[n]).float()
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        cfg = self.trap2_config
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}  # unlabelled: the teacher is the target
+        mask = inputs.get("attention_mask")
+        with torch.no_grad():
+            teacher = _logits(self.trap2_teacher(**inputs)).detach()
+        token_mask = mask if mask is not None and teacher.dim() == 3 else None
+        scales = self.trap2_scales()
+        offs, off_sum = [], 0.0
+        with same_random_draws(self.args.device) as replay:
+            for s in scales:
+                with self.trap2_scaled(model, s):
+                    off = teacher_ce(_logits(model(**inputs)), teacher, token_mask)
+                    term = -(cfg.lam * scale_weight(cfg.weight, s) / len(scales)) * bounded(off, cfg.bound)
+                    self._trap2_backward(term, num_items_in_batch)
+                off_sum = off_sum + term.detach()
+                offs.append(float(off.detach()))
+                replay()
+            outputs = model(**inputs)
+            nominal = distill_loss(_logits(outputs), teacher, self.trap2_temperature, token_mask)
+        m = self._trap2_metrics
+        m["trap2_nominal_loss"].append(float(nominal.detach()))
+        m["trap2_off_nominal_loss"].append(sum(offs) / len(offs))
+        m["trap2_scale"].append(sum(scales) / len(scales))
+        j = nominal + off_sum
+        return (j, outputs) if return_outputs else j
+
+    def save_update(
+        self, path: Any, module: nn.Module | None = None, meta: dict[str, Any] | None = None, **kw: Any
+    ):
+        """``Trap2Mixin.save_update``, recording the protect phase and the teacher's fingerprint too."""
+        info = {
+            "protect": {"targets": "teacher", "match": "kl", "temperature": self.trap2_temperature},
+            "teacher": self.trap2_teacher_record,
+            **(meta or {}),
+        }
+        return super().save_update(path, module, info, **kw)
+
+
+class Trap2ProtectTrainer(Trap2ProtectMixin, Trainer):
+    """``transformers.Trainer`` that protects the update the model already holds (see the module docstring)."""

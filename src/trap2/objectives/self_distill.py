@@ -1,0 +1,136 @@
+"""Trap² by self-distillation: protect an update you already have, without labels.
+
+The teacher is the given update at s = 1 (its outputs, computed once and frozen); the student starts
+from the same update. With t the teacher's logits on an unlabelled input and f_s the student at
+W0 + s·ΔW:
+
+    J = T²·KL(softmax(t/T) ‖ softmax(f_1/T)) − λ·E_s[w(s)·b(CE(f_s, argmax t))]
+
+s and w(s) as in the paper's objective (``trap2``: Jang et al., ICML 2026, Eq. 3, with ``law``,
+``bound`` b and ``collateral`` μ as there): the nominal term keeps the student's predictions at s = 1
+those of the teacher, the trap term makes them wrong at every other scale. Where the outputs are
+features rather than a head's logits (``match='mse'``), the nominal term is MSE(f_1, t) and the trap
+term pushes the scaled features away from the teacher's, b(MSE(f_s, t)) (give ``bound``: MSE has no
+ceiling). ``y`` carries the teacher's outputs: (N, C) logits, or (N, L, V) token logits whose
+positions are all counted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trap2.config import ObjectiveConfig
+from trap2.errors import ConfigError
+from trap2.objectives.base import Loss, LossFn, StepStats, same_random_draws
+from trap2.objectives.trap2 import (
+    _no_tap,
+    bounded,
+    disruption,
+    feature_tap,
+    sample_scales,
+    scale_weight,
+)
+from trap2.scaling import ScaledModel
+
+MATCHES = ("kl", "mse")
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of (N, ...) values over the positions where ``mask`` (same shape) is nonzero; all if None."""
+    if mask is None:
+        return values.mean()
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp_min(1.0)
+
+
+def distill_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)) over the last dimension, mean over the rest
+    (over the positions ``mask`` keeps, e.g. a token batch's attention mask (N, L))."""
+    if student.shape != teacher.shape:
+        raise ConfigError(
+            f"student outputs {tuple(student.shape)} but teacher outputs {tuple(teacher.shape)}"
+        )
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)  # (N, ...)
+    return temperature**2 * _masked_mean(kl, mask)
+
+
+def teacher_ce(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy of the student against the teacher's top-1 class, mean over samples (and the
+    positions ``mask`` keeps)."""
+    target = teacher.argmax(-1)  # (N, ...)
+    ce = F.cross_entropy(student.float().reshape(-1, student.shape[-1]), target.reshape(-1), reduction="none")
+    return _masked_mean(ce.reshape(target.shape), mask)
+
+
+class SelfDistillObjective:
+    name = "trap2_distill"
+
+    def __init__(self, cfg: ObjectiveConfig, match: str = "kl", temperature: float = 1.0) -> None:
+        if match not in MATCHES:
+            raise ConfigError(f"distillation match must be one of {', '.join(MATCHES)}; got {match!r}")
+        if not temperature > 0:
+            raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
+        self.cfg, self.match, self.temperature = cfg, match, temperature
+
+    def nominal_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if self.match == "mse":
+            return F.mse_loss(student.float(), teacher.float())
+        return distill_loss(student, teacher, self.temperature)
+
+    def trap_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if self.match == "mse":
+            return F.mse_loss(student.float(), teacher.float())
+        return teacher_ce(student, teacher)
+
+    def backward(
+        self,
+        model: ScaledModel,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: Loss | LossFn,
+        gen: torch.Generator,
+    ) -> StepStats:
+        """``y``: the teacher's outputs for ``x``; ``loss_fn`` (the task's labelled loss) is not used."""
+        cfg = self.cfg
+        if not y.is_floating_point():
+            raise ConfigError("trap2_distill: y must be the teacher's outputs (float), not labels")
+        scales = sample_scales(cfg, cfg.n_samples, gen)
+        tapped = feature_tap if cfg.collateral else _no_tap
+        with same_random_draws(x.device) as replay:
+            nominal = self.nominal_loss(model(x, 1.0), y)
+            nominal.backward()
+            j = float(nominal.detach())
+            if cfg.collateral:
+                replay()
+                with torch.no_grad(), feature_tap(model) as seen:
+                    model(x, 0.0)
+                base = seen[-1].detach()
+            off_values, disrupted = [], []
+            for s in scales:
+                replay()
+                with tapped(model) as seen:
+                    off = self.trap_loss(model(x, s), y)
+                trap = bounded(off, cfg.bound)
+                if cfg.collateral:
+                    d = disruption(seen[-1], base)
+                    trap = trap + cfg.collateral * d
+                    disrupted.append(float(d.detach()))
+                del seen
+                term = (-cfg.lam * scale_weight(cfg.weight, s) / len(scales)) * trap
+                term.backward()
+                j += float(term.detach())
+                off_values.append(float(off.detach()))
+        return StepStats(
+            loss=j,
+            nominal=float(nominal.detach()),
+            off_nominal=sum(off_values) / len(off_values),
+            scales=scales,
+            disruption=sum(disrupted) / len(disrupted) if disrupted else None,
+        )
