@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from trap2.eval.report import machine
+from trap2.eval.report import machine, provenance
+from trap2.io import write_json
 
 
 def main() -> None:
@@ -51,11 +53,12 @@ def main() -> None:
     for s in rows:
         print(f"{s['stage'][:72]:72} {s['seconds']:6.1f} {100 * s['seconds'] / wall:5.0f} %")
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"wall_seconds": wall, "machine": machine(), "threads": args.threads, "stages": rows},
-                indent=1,
-            )
+        result = {**provenance("demo-time", wall), "threads": args.threads}
+        result["command"] = shlex.join(["python", "benchmarks/demo_time.py", *sys.argv[1:]])
+        result["demo_command"] = shlex.join(["trap2", *cmd[1:]])
+        write_json(
+            args.json,
+            {**result, "stages": rows, "pool": report.get("pool"), "workers": report.get("workers")},
         )
 
 

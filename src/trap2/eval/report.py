@@ -346,6 +346,21 @@ def bench_tables(summary: Mapping[str, Any]) -> Tables:
     return bench_mode_tables(summary)
 
 
+@renderer("demo-time")
+def demo_time_tables(result: Mapping[str, Any]) -> Tables:
+    """``benchmarks/demo_time.py``'s JSON: the demo's wall time from a clean folder, and each stage's share."""
+    wall = result["wall_seconds"]
+    total = _table(
+        ["command", "wall time", "threads", "machine"],
+        [[f"`{result['demo_command']}`", f"{wall:.0f} s", str(result["threads"]), result["machine"]]],
+    )
+    stages = _table(
+        ["stage", "seconds", "share"],
+        [[s["stage"], f"{s['seconds']:.0f}", f"{100 * s['seconds'] / wall:.0f} %"] for s in result["stages"]],
+    )
+    return {"total": total, "stages": stages}
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     tables = demo_tables(report)
     target = report["target"]
