@@ -219,13 +219,13 @@ def evaluate_protection(
     reporter: Reporter,
     t0: float,
     extra: Mapping[str, Any] | None = None,
-    workers: Executor | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Standalone accuracy, the target's scaling curve and the attack matrix of a protected update
     against the unprotected pool ``updates`` (one per task); writes the report to ``out``.
 
-    ``workers`` (:func:`trap2.workers.worker_pool`): attack the two pools there, one job each
-    (registered suites only: each worker rebuilds the suite by name)."""
+    ``executor`` (:func:`trap2.workers.worker_pool`): attack the two pools there, one job each (each
+    worker rebuilds the suite from ``cfg.suite`` and ``suite.task_names``)."""
     tasks = suite.task_names
     backbone = suite.make_backbone().to(resolve_device(cfg.train.device))  # evaluation runs where it is
     w0 = base_state(backbone)
@@ -251,13 +251,11 @@ def evaluate_protection(
     }
     cells = cfg.cells()
     with reporter.stage("attack: merge + coefficient search", 2 * len(cells)) as advance:
-        if workers is not None:
+        if executor is not None:
             from trap2.workers import run_parallel
 
-            jobs = [
-                (suite.name, tuple(tasks), ft_val, cfg, {p: pools[p]}, tasks.index(target)) for p in pools
-            ]
-            done = run_parallel(_attack_pool, jobs, workers, lambda _i: advance(len(cells)))
+            jobs = [(cfg.suite, tuple(tasks), ft_val, cfg, {p: pools[p]}, tasks.index(target)) for p in pools]
+            done = run_parallel(_attack_pool, jobs, executor, lambda _i: advance(len(cells)))
             by_pool = dict(zip(pools, done, strict=True))
             attacks = [by_pool[p][i] for i in range(len(cells)) for p in pools]
         else:
