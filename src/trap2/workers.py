@@ -1,8 +1,8 @@
 """Independent jobs on worker processes, one intra-op thread each.
 
-On a small CPU model, two processes at one thread each do more work than one process at two threads
-(the digits ViT trains about twice as fast per process at one thread; its evaluations are 1.4× faster
-at two threads, 2× with two processes). ``trap2 demo`` uses this for the trainings it has to do and for
+On a small CPU model, where per-call overhead dominates the matmuls, two processes at one thread each
+do more work than one process at two threads (measured on the digits ViT: docs/performance.md).
+``trap2 demo`` uses this for the trainings it has to do and for
 the attack matrix's two pools. Workers are spawned (no fork after torch has started its threads) and
 rebuild what they need from picklable arguments.
 """
