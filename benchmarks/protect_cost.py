@@ -135,7 +135,7 @@ def main() -> None:
         result = {
             "kind": "protect-cost",
             "command": "python " + " ".join(sys.argv),
-            "trap2_version": __version__,
+            "version": __version__,
             "threads": args.threads,
             "machine": f"{os.cpu_count()}-core CPU ({platform.machine()})",
             "suite": args.suite,

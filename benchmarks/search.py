@@ -167,7 +167,7 @@ def main() -> None:
         from trap2 import __version__
         from trap2.io import write_json
 
-        record["trap2_version"] = __version__
+        record["version"] = __version__
         write_json(args.out, record)
 
 

@@ -37,3 +37,90 @@ def test_recovery_gap_is_the_share_of_the_distance_to_the_unprotected_merge():
         "ta, k = 10: 60.0 → 65.0 (unprotected merge 80.0, itself recovered to 82.0; W0 itself recovered "
         "to 70.0): closes 25 % of the gap." in md
     )
+
+
+def _demo_report():
+    attacks = []
+    for method, space in (("ta", "full"), ("ties", "full"), ("ties", "knots")):
+        for prot, mean in ((False, 0.8), (True, 0.55)):
+            attacks.append(
+                {**_cell(method, "global", prot, mean), "space": space, "coefficient": 0.3, "hparams": {}}
+            )
+    return {
+        "kind": "demo",
+        "suite": "digits",
+        "target": "rot90",
+        "tasks": ["rot90", "flip"],
+        "zero_shot": {"rot90": 0.5, "flip": 0.7, "mean": 0.6},
+        "standalone": {
+            "unprotected": {"rot90": 0.95, "flip": 0.9, "mean": 0.925},
+            "protected": {"rot90": 0.94},
+        },
+        "scaling_curve": {
+            "s": [0.5, 1.0, 2.0],
+            "unprotected": [0.9, 0.95, 0.8],
+            "protected": [0.1, 0.94, 0.1],
+        },
+        "attacks": attacks,
+        "wall_seconds": 1.0,
+    }
+
+
+def test_render_dispatches_on_kind_and_selects_one_table():
+    import pytest
+
+    from trap2.errors import ConfigError, DataError
+    from trap2.eval.report import RENDERERS, render, render_tables
+
+    rep = _demo_report()
+    assert {"demo", "audit", "bench"} <= set(RENDERERS)
+    tables = render_tables(rep)
+    assert list(tables)[:5] == ["summary", "standalone", "curve", "merges", "matrix"]
+    summary = render(rep, "summary")
+    assert "| standalone `rot90` | 95.0 | 94.0 |" in summary
+    assert "| TA: `rot90` / mean of 2 | 50.0 / 80.0 | 50.0 / 55.0 |" in summary
+    assert "knots" not in summary  # the summary keeps full-space cells
+    assert "| with Trap² | 55.0 | 55.0 / 55.0 |" in render(rep, "matrix")
+    assert render(rep) == "\n\n".join(t.strip("\n") for t in tables.values()) + "\n"
+    with pytest.raises(ConfigError, match="no table 'nope'"):
+        render(rep, "nope")
+    with pytest.raises(DataError, match="no renderer for result kind 'nothing'"):
+        render({**rep, "kind": "nothing"})
+
+
+def test_a_new_kind_is_one_decorator(tmp_path):
+    from trap2.eval.report import RENDERERS, render_docs, renderer
+
+    @renderer("test-kind")
+    def _tables(result):
+        return {"only": f"| x |\n|---|\n| {result['x']} |"}
+
+    try:
+        (tmp_path / "results").mkdir()
+        (tmp_path / "results" / "a.json").write_text('{"kind": "test-kind", "x": 7}')
+        doc = tmp_path / "README.md"
+        doc.write_text("intro\n<!-- trap2-report results/a.json only -->\nold\n<!-- /trap2-report -->\nend\n")
+        assert render_docs(tmp_path) == [doc]  # stale, not rewritten
+        assert "old" in doc.read_text()
+        assert render_docs(tmp_path, write=True) == [doc]
+        assert doc.read_text() == (
+            "intro\n<!-- trap2-report results/a.json only -->\n| x |\n|---|\n| 7 |\n<!-- /trap2-report -->\nend\n"
+        )
+        assert render_docs(tmp_path) == []
+    finally:
+        del RENDERERS["test-kind"]
+
+
+def test_trap2_report_cli(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_demo_report()))
+    run = [sys.executable, "-m", "trap2.cli", "report"]
+    r = subprocess.run([*run, str(path), "--table", "summary"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("|  | unprotected | Trap² |")
+    r = subprocess.run([*run, str(tmp_path / "missing.json")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no such result file" in r.stderr

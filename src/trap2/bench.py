@@ -28,7 +28,7 @@ from trap2.attacks.context import update_key
 from trap2.config import TrainConfig, config_hash, from_dict, help_field, to_dict
 from trap2.errors import ConfigError
 from trap2.eval.evaluate import base_state
-from trap2.eval.report import pct
+from trap2.eval.report import pct, provenance
 from trap2.eval.threats import threats_lines
 from trap2.io import write_json, write_text
 from trap2.pipeline import CURVE_SCALES, DemoConfig, evaluate_protection, trained_pool
@@ -181,6 +181,7 @@ def run_bench(
             )  # fmt: skip
             cells.append(_summary(mode, report))
     summary = {
+        **provenance("bench"),
         "suite": suite.name,
         "tasks": suite.task_names,
         "targets": targets,
@@ -189,6 +190,7 @@ def run_bench(
         "train": {m: to_dict(cfg.train_config(suite, m)) for m in cfg.modes},
         "wall_seconds_this_run": time.perf_counter() - t0,
     }
+    summary["wall_seconds"] = summary["wall_seconds_this_run"]
     write_json(out / "bench.json", summary)
     write_text(out / "bench.md", bench_markdown(summary))
     return summary
@@ -239,32 +241,18 @@ def _summary(mode: str, report: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def bench_markdown(summary: Mapping[str, Any]) -> str:
-    """One table per mode: a row per protected target, merged means unprotected → protected."""
-    lines = [f"# trap2 bench: suite {summary['suite']}", ""]
-    lines.append(
-        "Test accuracy %. Merges: mean over all tasks of the merged model, coefficient searched on "
-        "validation, unprotected pool → pool with the target protected (Trap²)."
-    )
+def bench_mode_tables(summary: Mapping[str, Any]) -> dict[str, str]:
+    """{mode: its table}: a row per protected target, merged means unprotected → protected; and
+    ``<mode>-<target>-threats`` for each cell with stronger threats."""
+    tables: dict[str, str] = {}
     for mode in summary["config"]["modes"]:
         cells = [c for c in summary["cells"] if c["mode"] == mode]
         if not cells:
             continue
         methods = list(dict.fromkeys(m for c in cells for m in c["merges"]))
         zs, ft = cells[0]["zero_shot"], cells[0]["fine_tuned"]
-        lines += ["", f"## {mode}", ""]
-        lines.append(
-            f"Zero-shot mean {pct(zs['mean'])}; fine-tuned standalone mean {pct(ft['mean'])}"
-            + (
-                f"; protected standalone mean {pct(sum(c['protected'] for c in cells) / len(cells))} "
-                f"vs fine-tuned {pct(sum(ft[c['target']] for c in cells) / len(cells))} on the same "
-                f"{len(cells)} target(s)."
-            )
-        )
-        lines.append("")
         head = ["protected task", "zero-shot", "fine-tuned", "Trap²", "s=0.5", "s=2", *methods]
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "---|" * len(head))
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for c in cells:
             t = c["target"]
             row = [t, pct(zs[t]), pct(ft[t]), pct(c["protected"]), pct(c["acc_s0.5"]), pct(c["acc_s2"])]
@@ -275,6 +263,36 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
                     f"{pct(pair.get('protected', {}).get('mean'))}"
                 )
             lines.append("| " + " | ".join(row) + " |")
+        tables[mode] = "\n".join(lines)
+        for c in cells:
+            if c.get("threats"):
+                tables[f"{mode}-{c['target']}-threats"] = "\n".join(ln for ln in c["threats"][2:] if ln)
+    return tables
+
+
+def bench_markdown(summary: Mapping[str, Any]) -> str:
+    """One table per mode: a row per protected target, merged means unprotected → protected."""
+    tables = bench_mode_tables(summary)
+    lines = [f"# trap2 bench: suite {summary['suite']}", ""]
+    lines.append(
+        "Test accuracy %. Merges: mean over all tasks of the merged model, coefficient searched on "
+        "validation, unprotected pool → pool with the target protected (Trap²)."
+    )
+    for mode in summary["config"]["modes"]:
+        cells = [c for c in summary["cells"] if c["mode"] == mode]
+        if not cells:
+            continue
+        zs, ft = cells[0]["zero_shot"], cells[0]["fine_tuned"]
+        lines += ["", f"## {mode}", ""]
+        lines.append(
+            f"Zero-shot mean {pct(zs['mean'])}; fine-tuned standalone mean {pct(ft['mean'])}"
+            + (
+                f"; protected standalone mean {pct(sum(c['protected'] for c in cells) / len(cells))} "
+                f"vs fine-tuned {pct(sum(ft[c['target']] for c in cells) / len(cells))} on the same "
+                f"{len(cells)} target(s)."
+            )
+        )
+        lines += ["", tables[mode]]
         for c in cells:
             if c.get("threats"):
                 lines += ["", f"### {mode}, `{c['target']}` protected: stronger threats", ""]

@@ -242,9 +242,16 @@ def demo(
     config: ConfigOpt = None,
     threads: Threads = 0,
     threats: ThreatsOpt = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="processes for the trainings and the attack matrix, one thread each "
+            "(default: 2 with --threads 2 or more on the CPU, else 1)"
+        ),
+    ] = 0,
 ) -> None:
     """The main job: 8 plain updates + a protected one, standalone, scaling curve and merges."""
-    from trap2.demo import run_demo
+    from trap2.demo import default_workers, run_demo
     from trap2.progress import RichReporter
 
     _threads(threads)
@@ -253,7 +260,7 @@ def demo(
         threats=threats,
     )  # fmt: skip
     with RichReporter() as reporter:
-        report = run_demo(cfg, out, fresh=fresh, reporter=reporter)
+        report = run_demo(cfg, out, fresh=fresh, reporter=reporter, workers=workers or default_workers(cfg))
     _print_summary(report, f"trap2 demo: suite {report['suite']}, protected task {report['target']}", out)
 
 
@@ -597,6 +604,49 @@ def protect(
         f"saved {out}  agreement with the original {100 * result.agreement:.1f}%  test acc "
         f"{100 * result.acc_teacher:.1f}% -> {100 * result.acc_protected:.1f}%  (audit it: trap2 audit {out})"
     )
+
+
+@app.command()
+def report(
+    results: Annotated[
+        list[Path] | None, typer.Argument(help="result JSON files (report.json, bench.json, results/*.json)")
+    ] = None,
+    table: Annotated[
+        str | None, typer.Option(help="render only this table of each result (default: all of them)")
+    ] = None,
+    format: Annotated[str, typer.Option("--format", help="output format: md (markdown)")] = "md",
+    update_docs: Annotated[
+        bool,
+        typer.Option(
+            "--update-docs",
+            help="re-render every <!-- trap2-report FILE [TABLE] --> block of README.md and docs/*.md",
+        ),
+    ] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="with --update-docs: change nothing, exit 1 if a block is stale")
+    ] = False,
+    root: Annotated[Path, typer.Option(help="with --update-docs: the repository root")] = Path("."),
+) -> None:
+    """Render a result file's tables as markdown (dispatch on its "kind"), or the docs' marked tables."""
+    from trap2.eval.report import read_result, render, render_docs
+
+    if format != "md":
+        raise UnknownNameError(f"--format {format!r}: the only format is md")
+    if update_docs:
+        if results:
+            raise UnknownNameError("--update-docs renders the docs' own markers: give no result files")
+        changed = render_docs(root, write=not check)
+        for f in changed:
+            typer.echo(f"{'stale' if check else 'rewrote'}: {f}")
+        if check and changed:
+            raise typer.Exit(1)
+        return
+    if not results:
+        raise UnknownNameError("give a result JSON file (or --update-docs)")
+    for i, path in enumerate(results):
+        if len(results) > 1:
+            typer.echo(("\n" if i else "") + f"<!-- {path} -->")
+        typer.echo(render(read_result(path), table, where=str(path)), nl=False)
 
 
 @app.command()

@@ -12,6 +12,7 @@ import dataclasses
 import shutil
 import time
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,17 @@ class DemoConfig:
         return out
 
 
+def update_cache_key(suite: Suite, task: str, cfg: TrainConfig) -> str:
+    """The cache key of ``task``'s update under ``cfg`` on ``suite`` (the suite, its backbone, the config)."""
+    # checkpointing does not change the result (resume is bit-identical): not part of the key
+    return config_hash(suite.name, suite.fingerprint, task, dataclasses.replace(cfg, checkpoint_every=None))
+
+
+def update_cache_folder(suite: Suite, task: str, cfg: TrainConfig, cache: Path) -> Path:
+    key = update_cache_key(suite, task, cfg)
+    return cache / f"{suite.name}-{task}-{cfg.mode}-{cfg.objective.name}-{key}"
+
+
 def trained_update(
     suite: Suite,
     task: str,
@@ -154,9 +166,7 @@ def trained_update(
 ) -> Update:
     """Train (or reuse the cached) update for ``task`` under ``cfg``. With ``cfg.checkpoint_every`` the
     run checkpoints next to the cache entry and an interrupted run resumes from there."""
-    # checkpointing does not change the result (resume is bit-identical): not part of the key
-    key = config_hash(suite.name, suite.fingerprint, task, dataclasses.replace(cfg, checkpoint_every=None))
-    folder = cache / f"{suite.name}-{task}-{cfg.mode}-{cfg.objective.name}-{key}"
+    folder = update_cache_folder(suite, task, cfg, cache)
     if folder.is_dir() and not fresh:
         return load_update(folder)
     ckpt = folder.with_name(folder.name + ".checkpoint")
@@ -203,6 +213,22 @@ def trained_pool(
     return updates, trained_update(suite, target, train, cache, fresh, reporter)
 
 
+def _attack_pool(
+    suite_name: str,
+    tasks: tuple[str, ...],
+    normalisers: Mapping[str, float],
+    cfg: DemoConfig,
+    pools: Mapping[bool, list[Update]],
+    target_index: int,
+) -> list[dict[str, Any]]:
+    """One worker's share of the attack matrix: every cell on the pools given (a worker process)."""
+    from trap2.suites import get_suite
+
+    suite = get_suite(suite_name).subset(tasks)
+    ctx = EvalContext(suite, normalisers, device=cfg.train.device)
+    return attack_matrix(ctx, pools, cfg.cells(), target_index, cfg.hparam_search)
+
+
 def evaluate_protection(
     suite: Suite,
     target: str,
@@ -213,9 +239,13 @@ def evaluate_protection(
     reporter: Reporter,
     t0: float,
     extra: Mapping[str, Any] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Standalone accuracy, the target's scaling curve and the attack matrix of a protected update
-    against the unprotected pool ``updates`` (one per task); writes the report to ``out``."""
+    against the unprotected pool ``updates`` (one per task); writes the report to ``out``.
+
+    ``executor`` (:func:`trap2.workers.worker_pool`): attack the two pools there, one job each (each
+    worker rebuilds the suite from ``cfg.suite`` and ``suite.task_names``)."""
     tasks = suite.task_names
     backbone = suite.make_backbone().to(resolve_device(cfg.train.device))  # evaluation runs where it is
     w0 = base_state(backbone)
@@ -241,9 +271,17 @@ def evaluate_protection(
     }
     cells = cfg.cells()
     with reporter.stage("attack: merge + coefficient search", 2 * len(cells)) as advance:
-        attacks = attack_matrix(
-            ctx, pools, cells, tasks.index(target), cfg.hparam_search, lambda _r: advance(1)
-        )
+        if executor is not None:
+            from trap2.workers import run_parallel
+
+            jobs = [(cfg.suite, tuple(tasks), ft_val, cfg, {p: pools[p]}, tasks.index(target)) for p in pools]
+            done = run_parallel(_attack_pool, jobs, executor, lambda _i: advance(len(cells)))
+            by_pool = dict(zip(pools, done, strict=True))
+            attacks = [by_pool[p][i] for i in range(len(cells)) for p in pools]
+        else:
+            attacks = attack_matrix(
+                ctx, pools, cells, tasks.index(target), cfg.hparam_search, lambda _r: advance(1)
+            )
 
     baselines = []
     if cfg.baselines:

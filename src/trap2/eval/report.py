@@ -1,48 +1,267 @@
-"""Reports: ``report.json`` (schema in the README), ``report.md``, the scaling-curve PNG and a heat map of
-the merged accuracy (method × space, unprotected vs protected)."""
+"""Reports: ``report.json``, ``report.md``, the scaling-curve PNG and a heat map of the merged accuracy
+(method × space, unprotected vs protected); and the renderers behind ``trap2 report``.
+
+Every result JSON names what it is (top-level ``kind``) and how it was made (``command``, ``version``,
+``threads``, ``machine``, ``wall_seconds``: :func:`provenance`). ``trap2 report FILE.json`` renders its
+tables through the renderer registered for its kind (``@renderer("demo")``: a function from the JSON to
+``{table name: markdown}``). The docs' tables are that output between markers,
+
+    <!-- trap2-report results/NAME.json [TABLE] -->
+    ...
+    <!-- /trap2-report -->
+
+which :func:`render_docs` re-renders (``trap2 report --update-docs``; ``tests/test_docs_tables.py``
+fails when a marked table differs from its JSON).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from trap2.errors import ConfigError, DataError
 from trap2.io import atomic_path, write_json, write_text
+
+Tables = dict[str, str]  # {table name: markdown}, in display order
+RENDERERS: dict[str, Callable[[Mapping[str, Any]], Tables]] = {}
+
+
+def renderer(
+    kind: str,
+) -> Callable[[Callable[[Mapping[str, Any]], Tables]], Callable[[Mapping[str, Any]], Tables]]:
+    """Register ``fn(result) -> {table name: markdown}`` as the renderer of result files of ``kind``."""
+
+    def register(fn: Callable[[Mapping[str, Any]], Tables]) -> Callable[[Mapping[str, Any]], Tables]:
+        if kind in RENDERERS:
+            raise ConfigError(f"a renderer for result kind {kind!r} is already registered")
+        RENDERERS[kind] = fn
+        return fn
+
+    return register
+
+
+def machine() -> str:
+    """The machine a result was measured on, in words: CPU model and count, OS, and the GPU if one is used."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    words = f"{n}-core CPU ({cpu}), {platform.system()}"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        words += f", GPU {torch.cuda.get_device_name(0)}"
+    return words
+
+
+def provenance(kind: str, wall_seconds: float | None = None) -> dict[str, Any]:
+    """The keys every published result carries: what it is, the command, version, threads and machine."""
+    from trap2 import __version__
+
+    torch = sys.modules.get("torch")
+    argv = list(sys.argv)
+    prog = Path(argv[0]).name if argv else ""
+    command = shlex.join(["trap2", *argv[1:]] if prog in ("trap2", "cli.py", "__main__.py") else argv)
+    out: dict[str, Any] = {
+        "kind": kind,
+        "command": command,
+        "version": __version__,
+        "threads": torch.get_num_threads() if torch is not None else None,
+        "machine": machine(),
+    }
+    if wall_seconds is not None:
+        out["wall_seconds"] = wall_seconds
+    return out
+
+
+def result_kind(result: Mapping[str, Any], where: str = "result") -> str:
+    kind = result.get("kind")
+    if kind is None:  # reports written before results named their kind
+        kind = "audit" if "audited" in result else "demo" if "attacks" in result else None
+    if kind not in RENDERERS:
+        raise DataError(
+            f"{where}: no renderer for result kind {kind!r}; known kinds: {', '.join(sorted(RENDERERS))}"
+        )
+    return kind
+
+
+def render_tables(result: Mapping[str, Any], where: str = "result") -> Tables:
+    """Every table of a result JSON, by the renderer registered for its ``kind``."""
+    return RENDERERS[result_kind(result, where)](result)
+
+
+def render(result: Mapping[str, Any], table: str | None = None, where: str = "result") -> str:
+    """One table of a result (``table``), or all of them, as markdown."""
+    tables = render_tables(result, where)
+    if table is None:
+        return "\n\n".join(t.strip("\n") for t in tables.values()) + "\n"
+    if table not in tables:
+        raise ConfigError(f"{where}: no table {table!r}; tables of this result: {', '.join(tables)}")
+    return tables[table].strip("\n") + "\n"
+
+
+def read_result(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such result file") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{p}: not a readable JSON result ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{p}: a result file holds a JSON object")
+    return data
+
+
+# --- the docs' marked tables ----------------------------------------------------------------------
+
+MARKER = re.compile(
+    r"(?P<open><!-- trap2-report (?P<path>\S+?\.json)(?: (?P<table>[\w.-]+))? -->\n)"
+    r"(?P<body>.*?)"
+    r"(?P<close><!-- /trap2-report -->)",
+    re.S,
+)
+
+
+def doc_files(root: str | Path) -> list[Path]:
+    """The files whose marked tables are rendered: README.md and docs/*.md."""
+    root = Path(root)
+    return [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))] if p.is_file()]
+
+
+def render_doc(text: str, root: str | Path, where: str = "doc") -> str:
+    """``text`` with every marked block replaced by its table rendered from the JSON (paths from ``root``)."""
+    root = Path(root)
+
+    def sub(m: re.Match[str]) -> str:
+        path = root / m["path"]
+        body = render(read_result(path), m["table"], where=f"{where}: {m['path']}")
+        return f"{m['open']}{body}{m['close']}"
+
+    return MARKER.sub(sub, text)
+
+
+def render_docs(root: str | Path, files: Iterable[Path] | None = None, write: bool = False) -> list[Path]:
+    """The doc files whose marked tables differ from their JSON; ``write=True`` rewrites them in place."""
+    changed = []
+    for f in files if files is not None else doc_files(root):
+        text = f.read_text(encoding="utf-8")
+        new = render_doc(text, root, where=str(f))
+        if new != text:
+            changed.append(f)
+            if write:
+                write_text(f, new)
+    return changed
 
 
 def pct(acc: float | None) -> str:
     return "–" if acc is None else f"{100 * acc:.1f}"
 
 
-def markdown(report: dict[str, Any]) -> str:
-    tasks, target = report["tasks"], report["target"]
+METHOD_NAMES = {"ta": "TA", "ties": "TIES", "dare_ties": "DARE+TIES", "dare": "DARE", "tsv": "TSV"}
+METHOD_NAMES |= {"cart": "CART", "regmean": "RegMean"}
+
+
+def summary_rows(
+    report: Mapping[str, Any], spaces: Iterable[str] | None = None
+) -> list[tuple[str, str, str]]:
+    """(what, unprotected, Trap²) rows: the target standalone and at s = 0.5 / 2, then each attack cell
+    (``spaces``: only cells in these merge spaces) as target / mean, then the zero-shot mean."""
+    t = report["target"]
+    curve = report["scaling_curve"]
+
+    def at(s: float, key: str) -> str:
+        return pct(curve[key][curve["s"].index(s)]) if s in curve["s"] else "–"
+
+    rows = [
+        (
+            f"standalone `{t}`",
+            pct(report["standalone"]["unprotected"][t]),
+            pct(report["standalone"]["protected"][t]),
+        ),
+        (f"`{t}` at s = 0.5", at(0.5, "unprotected"), at(0.5, "protected")),
+        (f"`{t}` at s = 2", at(2.0, "unprotected"), at(2.0, "protected")),
+    ]
+    n = len(report["tasks"])
+    keep = None if spaces is None else set(spaces)
+    for cell in dict.fromkeys((a["method"], a["space"], a["search"]) for a in report["attacks"]):
+        if keep is not None and cell[1] not in keep:
+            continue
+        pair = {
+            a["protected"]: a for a in report["attacks"] if (a["method"], a["space"], a["search"]) == cell
+        }
+        if set(pair) != {False, True}:
+            continue
+        label = " ".join(
+            x
+            for x in (
+                METHOD_NAMES.get(cell[0], cell[0]),
+                cell[1] if cell[0] != "ta" and cell[1] != "full" else "",
+                cell[2] if cell[2] != "global" else "",
+            )
+            if x
+        )
+        rows.append(
+            (
+                f"{label}: `{t}` / mean of {n}",
+                f"{pct(pair[False]['acc'][t])} / {pct(pair[False]['acc']['mean'])}",
+                f"{pct(pair[True]['acc'][t])} / {pct(pair[True]['acc']['mean'])}",
+            )
+        )
+    rows.append((f"zero-shot mean of {n}", pct(report["zero_shot"]["mean"]), ""))
+    return rows
+
+
+def _table(head: list[str], rows: Iterable[Iterable[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def summary_table(report: Mapping[str, Any]) -> str:
+    """The demo at a glance: target standalone, its curve at s = 0.5 and 2, full-space merges."""
+    return _table(["", "unprotected", "Trap²"], summary_rows(report, spaces=("full",)))
+
+
+def standalone_table(report: Mapping[str, Any]) -> str:
+    tasks = report["tasks"]
     zs, ft = report["zero_shot"], report["standalone"]["unprotected"]
     prot = report["standalone"]["protected"]
-    lines = [
-        f"# trap2 report: suite `{report['suite']}`, protected task `{target}`",
-        "",
-        "Accuracies in %, test split. Merges: coefficient searched on the validation split "
-        "(paper grid 0.1…9.9, early stop 10, criterion mean normalised accuracy).",
-        "",
-        "## Standalone",
-        "",
-        "| | " + " | ".join(tasks) + " | mean |",
-        "|---|" + "---|" * (len(tasks) + 1),
-        "| zero-shot | " + " | ".join(pct(zs[t]) for t in tasks) + f" | {pct(zs['mean'])} |",
-        "| fine-tuned | " + " | ".join(pct(ft[t]) for t in tasks) + f" | {pct(ft['mean'])} |",
-        "| Trap² | " + " | ".join(pct(prot.get(t)) for t in tasks) + " | |",
-        "",
-        f"## Scaling curve of `{target}`: accuracy of W0 + s·ΔW",
-        "",
-        "| s | " + " | ".join(f"{s:g}" for s in report["scaling_curve"]["s"]) + " |",
-        "|---|" + "---|" * len(report["scaling_curve"]["s"]),
-        "| unprotected | " + " | ".join(pct(a) for a in report["scaling_curve"]["unprotected"]) + " |",
-        "| Trap² | " + " | ".join(pct(a) for a in report["scaling_curve"]["protected"]) + " |",
-        "",
-        f"## Merged ({len(tasks)} tasks)",
-        "",
-        f"| method | space | search | pool | c | {target} | mean | vs zero-shot mean {pct(zs['mean'])} |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    return _table(
+        ["", *tasks, "mean"],
+        [
+            ["zero-shot", *(pct(zs[t]) for t in tasks), pct(zs["mean"])],
+            ["fine-tuned", *(pct(ft[t]) for t in tasks), pct(ft["mean"])],
+            ["Trap²", *(pct(prot.get(t)) for t in tasks), ""],
+        ],
+    )
+
+
+def curve_table(report: Mapping[str, Any]) -> str:
+    curve = report["scaling_curve"]
+    return _table(
+        ["s", *(f"{s:g}" for s in curve["s"])],
+        [
+            ["unprotected", *(pct(a) for a in curve["unprotected"])],
+            ["Trap²", *(pct(a) for a in curve["protected"])],
+        ],
+    )
+
+
+def merges_table(report: Mapping[str, Any]) -> str:
+    target, zs = report["target"], report["zero_shot"]
+    rows = []
     for a in report["attacks"]:
         pool = "with Trap²" if a["protected"] else "unprotected"
         coef = (
@@ -53,14 +272,141 @@ def markdown(report: dict[str, Any]) -> str:
         verdict = "above" if a["acc"]["mean"] > zs["mean"] else "below"
         hp = ", ".join(f"{k}={v}" for k, v in a["hparams"].items())
         method = a["method"] + (f" ({hp})" if hp else "")
-        lines.append(
-            f"| {method} | {a['space']} | {a['search']} | {pool} | {coef} | "
-            f"{pct(a['acc'][target])} | {pct(a['acc']['mean'])} | {verdict} |"
+        rows.append(
+            [
+                method,
+                a["space"],
+                a["search"],
+                pool,
+                coef,
+                pct(a["acc"][target]),
+                pct(a["acc"]["mean"]),
+                verdict,
+            ]
         )
+    head = ["method", "space", "search", "pool", "c", target, "mean", f"vs zero-shot mean {pct(zs['mean'])}"]
+    return _table(head, rows)
+
+
+def matrix_table(report: Mapping[str, Any]) -> str:
+    """Mean merged accuracy of the global search, a column per method, its spaces side by side
+    (e.g. ``F / K / C`` for full / KnOTS / Core); rows unprotected and with Trap²."""
+    cells = [a for a in report["attacks"] if a["search"] == "global"]
+    if not cells:
+        return ""
+    methods = list(dict.fromkeys(a["method"] for a in cells))
+    spaces = {m: list(dict.fromkeys(a["space"] for a in cells if a["method"] == m)) for m in methods}
+    acc = {(a["method"], a["space"], a["protected"]): a["acc"]["mean"] for a in cells}
+    letters = {"full": "F", "knots": "K", "core": "C"}
+
+    def head(m: str) -> str:
+        name = METHOD_NAMES.get(m, m)
+        if len(spaces[m]) == 1:
+            return name
+        return f"{name} {' / '.join(letters.get(sp, sp) for sp in spaces[m])}"
+
+    rows = [
+        [label, *(" / ".join(pct(acc.get((m, sp, prot))) for sp in spaces[m]) for m in methods)]
+        for prot, label in ((False, "unprotected"), (True, "with Trap²"))
+    ]
+    return _table(["pool", *(head(m) for m in methods)], rows)
+
+
+@renderer("demo")
+def demo_tables(report: Mapping[str, Any]) -> Tables:
+    """``trap2 demo``'s report.json (and each cell of ``trap2 bench``): summary, standalone, curve,
+    merges, matrix (method × space) and, when there are any, threats."""
+    tables = {
+        "summary": summary_table(report),
+        "standalone": standalone_table(report),
+        "curve": curve_table(report),
+        "merges": merges_table(report),
+    }
+    matrix = matrix_table(report)
+    if matrix:
+        tables["matrix"] = matrix
+    threats = threats_table(dict(report))
+    if threats:
+        tables["threats"] = "\n".join(threats[2:]).strip("\n")
+    return tables
+
+
+@renderer("audit")
+def audit_tables(report: Mapping[str, Any]) -> Tables:
+    """``trap2 audit``'s report.json: the demo's tables, for the audited update."""
+    return demo_tables(report)
+
+
+@renderer("bench")
+def bench_tables(summary: Mapping[str, Any]) -> Tables:
+    """``trap2 bench``'s bench.json: one table per mode (``lora``, ``full``), a row per protected target;
+    ``<mode>-<target>-threats`` for cells with stronger threats."""
+    from trap2.bench import bench_mode_tables
+
+    return bench_mode_tables(summary)
+
+
+@renderer("threats")
+def threats_tables(result: Mapping[str, Any]) -> Tables:
+    """A committed threats result (``results/threats-*.json``: a report trimmed to its attack cells and
+    grid): ``threats`` (every attack cell, unprotected vs Trap²), ``distill`` (each distillation cell
+    against its ceiling) and ``grid`` (the attacker grid's summary), each when present."""
+    from trap2.eval.threats import distill_lines, grid_lines
+
+    report = dict(result)
+    parts = {
+        "threats": threats_table(report)[2:],  # without its own heading
+        "distill": distill_lines(report),
+        "grid": [g.lstrip("# ") + ":" if i == 0 else g for i, g in enumerate(grid_lines(report))],
+    }
+    return {name: "\n".join(lines).strip("\n") for name, lines in parts.items() if lines}
+
+
+@renderer("demo-time")
+def demo_time_tables(result: Mapping[str, Any]) -> Tables:
+    """``benchmarks/demo_time.py``'s JSON: the demo's wall time from a clean folder, and each stage's share."""
+    wall = result["wall_seconds"]
+    total = _table(
+        ["command", "wall time", "threads", "machine"],
+        [[f"`{result['demo_command']}`", f"{wall:.0f} s", str(result["threads"]), result["machine"]]],
+    )
+    stages = _table(
+        ["stage", "seconds", "share"],
+        [[s["stage"], f"{s['seconds']:.0f}", f"{100 * s['seconds'] / wall:.0f} %"] for s in result["stages"]],
+    )
+    return {"total": total, "stages": stages}
+
+
+def markdown(report: Mapping[str, Any]) -> str:
     from trap2.eval.threats import distill_lines, grid_lines  # the threats part (docs/threats.md)
 
-    lines += ["", *table2(report), *threats_table(report), *distill_lines(report), *grid_lines(report)]
-    lines += [f"Wall time: {report['wall_seconds']:.0f} s.", ""]
+    tables = demo_tables(report)
+    target = report["target"]
+    lines = [
+        f"# trap2 report: suite `{report['suite']}`, protected task `{target}`",
+        "",
+        "Accuracies in %, test split. Merges: coefficient searched on the validation split "
+        "(paper grid 0.1…9.9, early stop 10, criterion mean normalised accuracy).",
+        "",
+        "## Standalone",
+        "",
+        tables["standalone"],
+        "",
+        f"## Scaling curve of `{target}`: accuracy of W0 + s·ΔW",
+        "",
+        tables["curve"],
+        "",
+        f"## Merged ({len(report['tasks'])} tasks)",
+        "",
+        tables["merges"],
+        "",
+        *table2(dict(report)),
+        *threats_table(dict(report)),
+        *distill_lines(dict(report)),
+        *grid_lines(dict(report)),
+        f"Wall time: {report['wall_seconds']:.0f} s.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -243,7 +589,11 @@ def plot_merge_heatmap(report: dict[str, Any], path: str | Path) -> bool:
 
 
 def write_report(report: dict[str, Any], out: str | Path) -> dict[str, Path]:
+    """Write ``report.json`` (with the :func:`provenance` keys it lacks; ``kind`` defaults to ``demo``,
+    ``audit`` when it names an audited update), ``report.md`` and the plots to ``out``."""
     out = Path(out)
+    for k, v in provenance("audit" if "audited" in report else "demo").items():
+        report.setdefault(k, v)
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "scaling_curve.png"}
     write_json(paths["json"], report)
     write_text(paths["md"], markdown(report))

@@ -4,7 +4,7 @@ the attacker grid's summary (worst case, median, head start, smallest budget per
 A committed threats result (``results/threats-*.json``, ``"kind": "threats"``) is a report trimmed to
 what these tables read, so :func:`threats_markdown` re-renders the docs tables from it:
 
-    python scripts/render_threats.py results/threats-digits.json
+    trap2 report results/threats-digits.json
 """
 
 from __future__ import annotations
