@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -109,14 +108,17 @@ def _job(kind: str, folder: Path) -> None:
 
 
 def _run_child(kind: str, folder: Path, threads: int) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one job in a fresh process; the child reports its own peak
+    (RUSAGE_SELF), so jobs can run in any order (RUSAGE_CHILDREN is the max over every child so far)."""
     env = {**os.environ, "BENCH_THREADS": str(threads)}
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import search; search._job({kind!r}, __import__('pathlib').Path({str(folder)!r}))"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    code = (
+        f"import sys, resource; sys.path.insert(0, {str(Path(__file__).parent)!r}); import search; "
+        f"search._job({kind!r}, __import__('pathlib').Path({str(folder)!r})); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kib <= before:  # ru_maxrss of children is the max over all: run the biggest last
-        peak_kib = before
-    return float(r.stdout.strip().splitlines()[-1]), peak_kib / 1024
+    wall, peak_kib = r.stdout.strip().splitlines()[-2:]
+    return float(wall), float(peak_kib) / 1024
 
 
 def merge_vs_mergekit(
@@ -136,7 +138,6 @@ def merge_vs_mergekit(
                 folder / f"u{t}.safetensors",
                 {n: 0.01 * torch.randn(s, generator=g) for n, s in shapes.items()},
             )
-        # peak RSS of children only grows: measure from the smallest job to the largest
         return {kind: _run_child(kind, folder, threads) for kind in kinds}
 
 

@@ -362,6 +362,18 @@ def threats_tables(result: Mapping[str, Any]) -> Tables:
     return {name: "\n".join(lines).strip("\n") for name, lines in parts.items() if lines}
 
 
+@renderer("merge-time")
+def merge_time_tables(result: Mapping[str, Any]) -> Tables:
+    """``benchmarks/search.py --only-methods``: each merge method's wall time on the benchmark's case,
+    and the ratio to task arithmetic when it was timed."""
+    methods = result["methods"]
+    ta = methods.get("ta", {}).get("wall_s")
+    rows = [
+        [f"`{m}`", f"{v['wall_s']:.1f}", f"{v['wall_s'] / ta:.1f}×" if ta else "–"] for m, v in methods.items()
+    ]
+    return {"methods": _table(["method", "merge wall time (s)", "× task arithmetic"], rows)}
+
+
 @renderer("demo-time")
 def demo_time_tables(result: Mapping[str, Any]) -> Tables:
     """``benchmarks/demo_time.py``'s JSON: the demo's wall time from a clean folder, and each stage's share."""
