@@ -51,7 +51,7 @@ def test_train_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment
     assert not (tmp_path / "u").exists()
 
 
-@pytest.mark.parametrize("args", [["protect"], ["train", "--no-such-option"]])
+@pytest.mark.parametrize("args", [["no-such-command"], ["train", "--no-such-option"]])
 def test_usage_errors_are_short_without_a_traceback(args):
     r = cli(*args)
     assert r.returncode == 2, r.stderr
