@@ -182,7 +182,8 @@ def test_reports_are_deterministic(tmp_path):
     )
     r1 = run_demo(cfg, tmp_path / "a")
     r2 = run_demo(cfg, tmp_path / "b")
-    r1.pop("wall_seconds"), r2.pop("wall_seconds")
+    for r in (r1, r2):  # the timings are the only fields that may differ
+        r.pop("wall_seconds"), r.pop("stages")
     assert r1 == r2
 
 
