@@ -124,3 +124,30 @@ def test_trap2_report_cli(tmp_path):
     assert r.stdout.startswith("|  | unprotected | Trap² |")
     r = subprocess.run([*run, str(tmp_path / "missing.json")], capture_output=True, text=True)
     assert r.returncode == 2 and "no such result file" in r.stderr
+
+
+def test_protect_result_renders_original_against_protected():
+    from trap2.eval.report import render
+
+    acc = {"t": 0.9, "u": 0.8, "mean": 0.85}
+    result = {
+        "kind": "protect",
+        "target": "t",
+        "zero_shot": {"t": 0.5, "u": 0.6, "mean": 0.55},
+        "standalone": {"unprotected": {"t": 0.96}, "protected": {"t": 0.95}},
+        "agreement_test": 0.981,
+        "scaling_curve": {"s": [0.1, 0.5, 1.0, 2.0], "unprotected": [0.6, 0.9, 0.96, 0.8],
+                          "protected": [0.1, 0.1, 0.95, 0.1]},
+        "attacks": [
+            {"method": "ta", "space": "full", "search": "global", "protected": False, "acc": acc},
+            {"method": "ta", "space": "full", "search": "global", "protected": True,
+             "acc": {"t": 0.1, "u": 0.5, "mean": 0.3}},
+        ],
+        "cost": {"steps": {"protect": 60}, "ratios": {"protect_over_plain": 0.25,
+                                                       "plain_then_protect_over_plain": 1.25}},
+    }  # fmt: skip
+    rows = render(result, "summary").splitlines()
+    assert "| top-1 agreement with the original (test) | 100.0 | 98.1 |" in rows
+    assert "| acc(s) at s = 0.1 / 0.5 / 2 | 60.0 / 90.0 / 80.0 | 10.0 / 10.0 / 10.0 |" in rows
+    assert "| TA: `t` / mean of 2 | 90.0 / 85.0 | 10.0 / 30.0 |" in rows
+    assert rows[-1].endswith("| 1 | 0.250 (60 steps; plain then protect: 1.250) |")

@@ -374,6 +374,51 @@ def merge_time_tables(result: Mapping[str, Any]) -> Tables:
     return {"methods": _table(["method", "merge wall time (s)", "× task arithmetic"], rows)}
 
 
+@renderer("protect")
+def protect_tables(result: Mapping[str, Any]) -> Tables:
+    """``trap2 protect`` measured (``results/protect-*.json``): the original update against the protected
+    one — standalone, top-1 agreement, the scaling curve off s = 1, each merge cell (target / mean) and the
+    compute of the protect phase as a multiple of the original fine-tuning."""
+    target = result["target"]
+    curve = result["scaling_curve"]
+    shown = [i for i, s in enumerate(curve["s"]) if s in (0.1, 0.5, 0.9, 1.1, 2.0)]
+    scales = " / ".join(f"{curve['s'][i]:g}" for i in shown)
+
+    def at(pool: str) -> str:
+        return " / ".join(pct(curve[pool][i]) for i in shown)
+
+    rows = [
+        [f"standalone `{target}`", pct(result["standalone"]["unprotected"][target]),
+         pct(result["standalone"]["protected"][target])],
+        ["top-1 agreement with the original (test)", pct(1.0), pct(result["agreement_test"])],
+        [f"acc(s) at s = {scales}", at("unprotected"), at("protected")],
+    ]  # fmt: skip
+    cells: dict[tuple[str, str, str], dict[bool, Mapping[str, Any]]] = {}
+    for a in result["attacks"]:
+        cells.setdefault((a["method"], a["space"], a["search"]), {})[a["protected"]] = a
+    for (method, space, search), pair in cells.items():
+        name = METHOD_NAMES.get(method, method) + ("" if space == "full" else f" {space}")
+        name += "" if search == "global" else f" {search}"
+        rows.append(
+            [f"{name}: `{target}` / mean of {len(result['zero_shot']) - 1}"]
+            + [f"{pct(pair[p]['acc'][target])} / {pct(pair[p]['acc']['mean'])}" if p in pair else "–"
+               for p in (False, True)]
+        )  # fmt: skip
+    zs = result["zero_shot"]
+    rows.append([f"zero-shot: `{target}` / mean", f"{pct(zs[target])} / {pct(zs['mean'])}", ""])
+    cost = result["cost"]
+    ratios = cost["ratios"]
+    rows.append(
+        [
+            "training compute (× the original fine-tuning)",
+            "1",
+            f"{ratios['protect_over_plain']:.3f} ({cost['steps']['protect']} steps; plain then protect: "
+            f"{ratios['plain_then_protect_over_plain']:.3f})",
+        ]
+    )
+    return {"summary": _table(["", "original (plain)", "protected (`trap2 protect`)"], rows)}
+
+
 @renderer("demo-time")
 def demo_time_tables(result: Mapping[str, Any]) -> Tables:
     """``benchmarks/demo_time.py``'s JSON: the demo's wall time from a clean folder, and each stage's share."""
