@@ -22,15 +22,8 @@ import torch.nn.functional as F
 
 from trap2.config import ObjectiveConfig
 from trap2.errors import ConfigError
-from trap2.objectives.base import Loss, LossFn, StepStats, same_random_draws
-from trap2.objectives.trap2 import (
-    _no_tap,
-    bounded,
-    disruption,
-    feature_tap,
-    sample_scales,
-    scale_weight,
-)
+from trap2.objectives.base import Loss, LossFn, StepStats
+from trap2.objectives.trap2 import Trap2Objective
 from trap2.scaling import ScaledModel
 
 MATCHES = ("kl", "mse")
@@ -69,7 +62,7 @@ def teacher_ce(
     return _masked_mean(ce.reshape(target.shape), mask)
 
 
-class SelfDistillObjective:
+class SelfDistillObjective(Trap2Objective):
     name = "trap2_distill"
 
     def __init__(self, cfg: ObjectiveConfig, match: str = "kl", temperature: float = 1.0) -> None:
@@ -77,17 +70,20 @@ class SelfDistillObjective:
             raise ConfigError(f"distillation match must be one of {', '.join(MATCHES)}; got {match!r}")
         if not temperature > 0:
             raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
-        self.cfg, self.match, self.temperature = cfg, match, temperature
+        super().__init__(cfg)
+        self.match, self.temperature = match, temperature
 
-    def nominal_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def nominal_term(self, out: torch.Tensor, y: torch.Tensor, loss_fn: Loss | LossFn) -> torch.Tensor:
+        """T²·KL to the teacher ``y`` (MSE with ``match='mse'``)."""
         if self.match == "mse":
-            return F.mse_loss(student.float(), teacher.float())
-        return distill_loss(student, teacher, self.temperature)
+            return F.mse_loss(out.float(), y.float())
+        return distill_loss(out, y, self.temperature)
 
-    def trap_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def off_term(self, out: torch.Tensor, y: torch.Tensor, loss_fn: Loss | LossFn) -> torch.Tensor:
+        """CE against the teacher's top-1 class (MSE to its features with ``match='mse'``)."""
         if self.match == "mse":
-            return F.mse_loss(student.float(), teacher.float())
-        return teacher_ce(student, teacher)
+            return F.mse_loss(out.float(), y.float())
+        return teacher_ce(out, y)
 
     def backward(
         self,
@@ -97,40 +93,9 @@ class SelfDistillObjective:
         loss_fn: Loss | LossFn,
         gen: torch.Generator,
     ) -> StepStats:
-        """``y``: the teacher's outputs for ``x``; ``loss_fn`` (the task's labelled loss) is not used."""
-        cfg = self.cfg
+        """``y``: the teacher's outputs for ``x``; ``loss_fn`` (the task's labelled loss) is not used.
+        The step is Trap²'s (same scale draws, bound, collateral, dropout replay) with its two loss terms
+        measured against the teacher."""
         if not y.is_floating_point():
             raise ConfigError("trap2_distill: y must be the teacher's outputs (float), not labels")
-        scales = sample_scales(cfg, cfg.n_samples, gen)
-        tapped = feature_tap if cfg.collateral else _no_tap
-        with same_random_draws(x.device) as replay:
-            nominal = self.nominal_loss(model(x, 1.0), y)
-            nominal.backward()
-            j = float(nominal.detach())
-            if cfg.collateral:
-                replay()
-                with torch.no_grad(), feature_tap(model) as seen:
-                    model(x, 0.0)
-                base = seen[-1].detach()
-            off_values, disrupted = [], []
-            for s in scales:
-                replay()
-                with tapped(model) as seen:
-                    off = self.trap_loss(model(x, s), y)
-                trap = bounded(off, cfg.bound)
-                if cfg.collateral:
-                    d = disruption(seen[-1], base)
-                    trap = trap + cfg.collateral * d
-                    disrupted.append(float(d.detach()))
-                del seen
-                term = (-cfg.lam * scale_weight(cfg.weight, s) / len(scales)) * trap
-                term.backward()
-                j += float(term.detach())
-                off_values.append(float(off.detach()))
-        return StepStats(
-            loss=j,
-            nominal=float(nominal.detach()),
-            off_nominal=sum(off_values) / len(off_values),
-            scales=scales,
-            disruption=sum(disrupted) / len(disrupted) if disrupted else None,
-        )
+        return super().backward(model, x, y, loss_fn, gen)

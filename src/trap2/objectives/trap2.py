@@ -89,6 +89,14 @@ class Trap2Objective:
     def __init__(self, cfg: ObjectiveConfig) -> None:
         self.cfg = cfg
 
+    def nominal_term(self, out: torch.Tensor, y: torch.Tensor, loss_fn: Loss | LossFn) -> torch.Tensor:
+        """L at s = 1 (a subclass may measure it another way: ``trap2_distill`` against a teacher)."""
+        return loss_fn(out, y)
+
+    def off_term(self, out: torch.Tensor, y: torch.Tensor, loss_fn: Loss | LossFn) -> torch.Tensor:
+        """L at an off-nominal s, before the bound and the weight."""
+        return loss_fn(out, y)
+
     def backward(
         self,
         model: ScaledModel,
@@ -103,7 +111,7 @@ class Trap2Objective:
         # registered only around the passes whose output D(s) reads, and only when μ > 0.
         tapped = feature_tap if cfg.collateral else _no_tap
         with same_random_draws(x.device) as replay:
-            nominal = loss_fn(model(x, 1.0), y)
+            nominal = self.nominal_term(model(x, 1.0), y, loss_fn)
             nominal.backward()
             j = float(nominal.detach())
             if cfg.collateral:
@@ -115,7 +123,7 @@ class Trap2Objective:
             for s in scales:
                 replay()
                 with tapped(model) as seen:
-                    off = loss_fn(model(x, s), y)
+                    off = self.off_term(model(x, s), y, loss_fn)
                 trap = bounded(off, cfg.bound)
                 if cfg.collateral:
                     d = disruption(seen[-1], base)
