@@ -29,15 +29,15 @@ from trap2.eval.evaluate import base_state
 from trap2.io import load_tensors
 from trap2.objectives import get_objective
 from trap2.objectives.self_distill import MATCHES, SelfDistillObjective
-from trap2.scaling import ScaledModel, base_params
+from trap2.scaling import base_params
 from trap2.suites.base import Split, Suite, Task, TaskModel
 from trap2.training.loop import (
     TrainResult,
     _evaluate,
     _release,
     _Run,
+    _run_for,
     _step,
-    lr_lambda,
     resolve_device,
     start_from,
     trainable_backbone,
@@ -302,16 +302,7 @@ def prepare_protect(
         objective = SelfDistillObjective(train.objective, cfg.match, cfg.temperature)
     else:
         run_task, objective = t, get_objective(train.objective)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=train.peak_lr, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
-    gen = torch.Generator().manual_seed(train.seed)
-    run = _Run(
-        train, run_task, objective, device, model, ScaledModel(model, mode, w0), params, opt, sched, w0,
-        gen, torch.Generator().manual_seed(train.seed + 1), torch.randperm(len(x), generator=gen),
-    )  # fmt: skip
+    run = _run_for(train, run_task, objective, device, model, w0)
     recorded = {"fingerprint": update_fingerprint(update), "meta": dict(update.meta)}
     return ProtectRun(run, t, int(len(x)), teacher_outputs(model, t.test.x), recorded)
 

@@ -142,11 +142,8 @@ class _Run:
 def _setup(suite: Suite, task_name: str, cfg: TrainConfig, init: Mapping[str, torch.Tensor] | None) -> _Run:
     """Seed, build the model (LoRA-wrapped or trainable, task head frozen), optimiser and schedule."""
     task = suite.task(task_name)
-    objective = get_objective(cfg.objective)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    scale_gen = torch.Generator().manual_seed(cfg.seed + 1)
 
     if init is not None and cfg.mode != "full":
         raise ConfigError("train_update(init=...) starts full fine-tuning from W0 + ΔW; use mode='full'")
@@ -157,6 +154,21 @@ def _setup(suite: Suite, task_name: str, cfg: TrainConfig, init: Mapping[str, to
         w0 = base_params(model)  # W0, kept once
         if init is not None:
             start_from(model.backbone, init)
+    return _run_for(cfg, task, get_objective(cfg.objective), device, model, w0)
+
+
+def _run_for(
+    cfg: TrainConfig,
+    task: Task,
+    objective: Objective,
+    device: torch.device,
+    model: TaskModel,
+    w0: dict[str, torch.Tensor] | None,
+) -> _Run:
+    """The run state around a built model: its trainable parameters, AdamW and the warm-up/cosine
+    schedule, the seeded data order and scale generator (``_setup``'s, and ``trap2 protect``'s)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    scale_gen = torch.Generator().manual_seed(cfg.seed + 1)
     scaled = ScaledModel(model, cfg.mode, w0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
