@@ -127,7 +127,8 @@ def test_threats_switch_of_demo_audit_and_bench(monkeypatch, capsys, tmp_path):
 
     assert _demo_config(None, threats="quick").threats == "quick"
     assert _demo_config(None).threats is None  # the demo runs no grid unless asked
-    assert BenchConfig(threats="full").demo_config(threat_suite()[0], "lora", "t0").threats == "full"
+    assert BenchConfig().demo_config(threat_suite()[0], "lora", "t0").threats == "full"  # bench: whole grid
+    assert BenchConfig(threats="none").threats is None and _demo_config(None, threats="none").threats is None
     for cmd in (["demo"], ["audit", str(tmp_path / "u")], ["bench"]):
         code, out, err = run_cli(monkeypatch, capsys, *cmd, "--out", tmp_path / "o", "--threats", "huge")
         assert code != 0 and "'huge' is not one of quick, full" in out + err, cmd

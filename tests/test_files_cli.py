@@ -176,7 +176,7 @@ def test_bench_from_files_trains_the_protected_update_over_the_given_pool(
     zoo, fake_files, monkeypatch, capsys, tmp_path
 ):
     (tmp_path / "bench.yaml").write_text(
-        "modes: [lora]\nlora: {mode: lora, steps: 20, eval_every: 20}\nmethods: [ta]\n"
+        "modes: [lora]\nlora: {mode: lora, steps: 20, eval_every: 20}\nmethods: [ta]\nthreats: none\n"
         "scales: [0.5, 1.0, 2.0]\n"
     )
     out = tmp_path / "bench"

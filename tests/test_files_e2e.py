@@ -500,7 +500,7 @@ def test_bench_on_a_model_folder_trains_the_protected_update_over_the_given_pool
     """``trap2 bench --base``: the files suite's target trained plain and protected by trap2's loop, the
     other task's adapter given; the bench table and the target's report written."""
     (tmp_path / "bench.yaml").write_text(
-        f"modes: [lora]\nlora: {{mode: lora, steps: 30, eval_every: 30}}\nmethods: [ta]\nscales: {SCALES}\n"
+        f"modes: [lora]\nlora: {{mode: lora, steps: 30, eval_every: 30}}\nmethods: [ta]\nscales: {SCALES}\nthreats: none\n"
     )
     out = tmp_path / "bench"
     code, stdout, err = run_cli(

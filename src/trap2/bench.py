@@ -67,9 +67,9 @@ class BenchConfig:
     )
     scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
     threats: str | None = help_field(
-        "the attacker grid of every cell (docs/threats.md): 'quick', 'full', or null = none (the CLI's "
-        "--threats)",
-        None,
+        "the attacker grid of every cell (docs/threats.md): 'full' (the default: hours on digits), 'quick', "
+        "or 'none' / null = the attack matrix alone (the CLI's --threats)",
+        "full",
         hash_default=False,
     )
     device: str | None = help_field(
@@ -77,6 +77,8 @@ class BenchConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.threats == "none":
+            object.__setattr__(self, "threats", None)
         for name in ("modes", "targets", "tasks", "methods", "spaces", "extra_searches", "baselines"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not self.modes or any(m not in MODES for m in self.modes):

@@ -220,7 +220,14 @@ def train(
 # the attacker grid (docs/threats.md): recovery, un-trapping and distillation over lr × steps × samples × ...
 ThreatsOpt = Annotated[
     str | None,
-    typer.Option(help="also run the attacker grid: 'quick' or 'full' (docs/threats.md); default none"),
+    typer.Option(help="also run the attacker grid: 'quick', 'full' or 'none' (docs/threats.md); default none"),
+]
+BenchThreatsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="the attacker grid of every cell: 'full' (the default, hours), 'quick', or 'none' for the attack "
+        "matrix alone (docs/threats.md)"
+    ),
 ]
 
 
@@ -438,7 +445,7 @@ def bench(
     fresh: Annotated[bool, typer.Option("--fresh", help="redo every cell and retrain every update")] = False,
     config: ConfigOpt = None,
     threads: Threads = 0,
-    threats: ThreatsOpt = None,
+    threats: BenchThreatsOpt = None,
 ) -> None:
     """The paper's experiment on a suite: LoRA and full, unprotected vs protected, the whole matrix.
 

@@ -82,12 +82,14 @@ class DemoConfig:
     )
     scales: tuple[float, ...] = help_field("scales s of the scaling curve", CURVE_SCALES)
     threats: str | None = help_field(
-        "the attacker grid run after the matrix (docs/threats.md): 'quick', 'full', or null = none",
+        "the attacker grid run after the matrix (docs/threats.md): 'quick', 'full', or 'none' / null = none",
         None,
         hash_default=False,
     )
 
     def __post_init__(self) -> None:
+        if self.threats == "none":
+            object.__setattr__(self, "threats", None)
         if self.threats is not None:
             from trap2.attacks.grid import get_grid
 
