@@ -259,14 +259,14 @@ def demo(
 ) -> None:
     """The main job: 8 plain updates + a protected one, standalone, scaling curve and merges."""
     from trap2.demo import default_workers, run_demo
-    from trap2.progress import RichReporter
+    from trap2.progress import cli_reporter
 
     _threads(threads)
     cfg = _demo_config(
         config, objective, suite=suite, target=target, steps=steps, mode=mode, seed=seed, device=device,
         threats=threats,
     )  # fmt: skip
-    with RichReporter() as reporter:
+    with cli_reporter() as reporter:
         report = run_demo(cfg, out, fresh=fresh, reporter=reporter, workers=workers or default_workers(cfg))
     _print_summary(report, f"trap2 demo: suite {report['suite']}, protected task {report['target']}", out)
 
@@ -367,7 +367,7 @@ def audit(
     --task b=ADAPTER_B:b.jsonl --protected a --out runs/audit"""
     from trap2.audit import run_audit
     from trap2.files_job import FilesOptions, run_files_audit
-    from trap2.progress import RichReporter
+    from trap2.progress import cli_reporter
 
     _threads(threads)
     cfg = _demo_config(
@@ -386,7 +386,7 @@ def audit(
         if suite is not None or pool:
             raise UnknownNameError("--base makes the suite from files: give --task specs, not --suite/--pool")
         options = FilesOptions(scoring, seed or 0, batch_size, device or "cpu", max_len)
-        with RichReporter() as reporter:
+        with cli_reporter() as reporter:
             report = run_files_audit(
                 base, tasks, cfg, out, protected=protected, update=update, options=options,
                 fresh=fresh, reporter=reporter,
@@ -397,7 +397,7 @@ def audit(
             raise UnknownNameError("give the update to audit, or --base with --task NAME=ADAPTER_DIR:DATA")
         if len(tasks) > 1 or protected is not None:
             raise UnknownNameError("several --task specs and --protected need --base MODEL_DIR")
-        with RichReporter() as reporter:
+        with cli_reporter() as reporter:
             report = run_audit(
                 update, cfg, out, task=tasks[0] if tasks else None, pool=pool or (), fresh=fresh,
                 reporter=reporter,
@@ -454,7 +454,7 @@ def bench(
     from trap2.bench import BenchConfig, run_bench
     from trap2.config import from_dict, load_yaml
     from trap2.files_job import FilesOptions, run_files_bench
-    from trap2.progress import RichReporter
+    from trap2.progress import cli_reporter
 
     _threads(threads)
     if protected is not None and targets is not None:
@@ -465,7 +465,7 @@ def bench(
     given["threats"] = threats
     raw.update({k: v for k, v in given.items() if v is not None})
     cfg = from_dict(BenchConfig, raw, "bench")
-    with RichReporter() as reporter:
+    with cli_reporter() as reporter:
         if base is not None:
             if suite is not None:
                 raise UnknownNameError("--base builds the suite from files: give --task specs, not --suite")
