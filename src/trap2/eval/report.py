@@ -355,7 +355,7 @@ def threats_tables(result: Mapping[str, Any]) -> Tables:
 
     report = dict(result)
     parts = {
-        "threats": threats_table(report)[2:],  # without its own heading
+        "threats": threats_table(report, always=True)[2:],  # without its own heading
         "distill": distill_lines(report),
         "grid": [g.lstrip("# ") + ":" if i == 0 else g for i, g in enumerate(grid_lines(report))],
     }
@@ -470,9 +470,10 @@ def markdown(report: Mapping[str, Any]) -> str:
 DEFENSE_NAMES = {"params": "PaRaMS", "merge_lock": "Merge-Lock"}
 
 
-def threats_table(report: dict[str, Any]) -> list[str]:
+def threats_table(report: dict[str, Any], always: bool = False) -> list[str]:
     """Stronger threats: every attack cell against the unprotected pool, Trap² and each post-hoc defense
-    (merged mean, target in brackets)."""
+    (merged mean, target in brackets); nothing when every cell is a global search without defenses (the
+    report's merge table already shows them) unless ``always``."""
     target = report["target"]
     rows: dict[tuple[str, str, str], dict[str, str]] = {}
 
@@ -490,7 +491,7 @@ def threats_table(report: dict[str, Any]) -> list[str]:
         "Trap²",
         *dict.fromkeys(DEFENSE_NAMES[a["defense"]] for a in report.get("baselines", [])),
     ]
-    if len(cols) == 2 and len({k[2] for k in rows}) == 1:
+    if not always and len(cols) == 2 and len({k[2] for k in rows}) == 1:
         return []  # nothing beyond table 2
     lines = [
         f"## Stronger threats: merged mean ({target}), zero-shot mean {pct(report['zero_shot']['mean'])}",
