@@ -119,11 +119,6 @@ class Trap2TrainingArguments(_ObjectiveArguments, TrainingArguments):
             )
         if self.trap2_max_nonfinite_in_row < 1:
             raise ConfigError("trap2_max_nonfinite_in_row must be ≥ 1")
-        if self.trap2_lookahead_steps:
-            raise ConfigError(
-                "trap2_lookahead_steps: the lookahead is implemented by the built-in loop (trap2 train) only; "
-                "the Trainer takes trap2_operators"
-            )
         self.objective_config("lora")  # validates the ranges now, not at the first step
 
     def objective_config(self, mode: str) -> ObjectiveConfig:
@@ -179,6 +174,11 @@ class Trap2Mixin:
         # the library's scaled model: LoRA checks and scaling, or full fine-tuning's per-layer scaler
         self._trap2_scaled = ScaledModel(model, self.trap2_mode, w0)
         self.trap2_config = targs.objective_config(self.trap2_mode)
+        if self.trap2_config.lookahead_steps:
+            raise ConfigError(
+                "trap2_lookahead_steps: the lookahead is implemented by the built-in loop (trap2 train) only; "
+                "the Trainer takes trap2_operators"
+            )
         self._trap2_features = feature_module(model)  # read only with trap2_collateral > 0
         self._trap2_seed = targs.seed if targs.trap2_seed is None else targs.trap2_seed
         self._trap2_metrics: dict[str, list[float]] = defaultdict(list)
@@ -242,7 +242,7 @@ class Trap2Mixin:
                 replay()
             for d in draws:
                 s = d.s
-                with self.trap2_scaled(model, d):
+                with self.trap2_scaled(model, s if d.transforms is None else d):
                     off = super().compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
                     trap = bounded(off, cfg.bound)
                     if cfg.collateral:
