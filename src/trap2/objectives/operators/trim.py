@@ -39,7 +39,7 @@ def drop(delta: torch.Tensor, keep: float, seed: int) -> torch.Tensor:
 @operator(
     "trim",
     summary="keep each unit's top-k fraction of entries by magnitude, times s",
-    stands_for="TIES, EMR, DARE+TIES (the trim step)",
+    stands_for="TIES, EMR, the trim of DARE+TIES",
     cost="one forward and backward; a top-k over each unit's entries (LoRA: its dense ΔW)",
 )
 def trim_op(cfg: ObjectiveConfig, units: list[Unit], gen: torch.Generator) -> Draw:
