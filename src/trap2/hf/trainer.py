@@ -179,6 +179,15 @@ class Trap2Mixin:
                 "trap2_lookahead_steps: the lookahead is implemented by the built-in loop (trap2 train) only; "
                 "the Trainer takes trap2_operators"
             )
+        sharded = str(getattr(self.accelerator, "distributed_type", "")).split(".")[-1] in (
+            "FSDP",
+            "DEEPSPEED",
+        )
+        if self.trap2_config.operators != "scale" and sharded:
+            raise ConfigError(
+                "trap2_operators other than 'scale' read each unit's whole ΔW to draw and check an operator; "
+                "under FSDP / DeepSpeed the parameters are sharded: train single-process or with DDP"
+            )
         self._trap2_features = feature_module(model)  # read only with trap2_collateral > 0
         self._trap2_seed = targs.seed if targs.trap2_seed is None else targs.trap2_seed
         self._trap2_metrics: dict[str, list[float]] = defaultdict(list)
