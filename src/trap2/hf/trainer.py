@@ -179,10 +179,7 @@ class Trap2Mixin:
                 "trap2_lookahead_steps: the lookahead is implemented by the built-in loop (trap2 train) only; "
                 "the Trainer takes trap2_operators"
             )
-        sharded = str(getattr(self.accelerator, "distributed_type", "")).split(".")[-1] in (
-            "FSDP",
-            "DEEPSPEED",
-        )
+        sharded = self.accelerator.distributed_type in ("FSDP", "DEEPSPEED")
         if self.trap2_config.operators != "scale" and sharded:
             raise ConfigError(
                 "trap2_operators other than 'scale' read each unit's whole ΔW to draw and check an operator; "
