@@ -41,6 +41,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "paper": {},
     "operators": {"operators": "scale,layer_scale,trim,spectral"},
     "lookahead": {"lookahead_steps": 1, "lookahead_lr": 0.01, "lookahead_objective": "recover"},
+    "lookahead_lr1e-3": {"lookahead_steps": 1, "lookahead_lr": 0.001, "lookahead_objective": "recover"},
+    "scale_spectral": {"operators": "scale,spectral"},
     "both": {
         "operators": "scale,layer_scale,trim,spectral",
         "lookahead_steps": 1,
@@ -107,8 +109,11 @@ def collect(out: Path, dest: Path) -> None:
     result = {
         **provenance("harden", wall_seconds=round(wall, 1)),
         "command": shlex.join(["python", "benchmarks/harden_digits.py", *sys.argv[1:]]),
+        "threads": 2,
+        "machine": provenance("harden")["machine"] + " (shared; each run inside the compute lock)",
         "note": "wall_seconds sums the runs' training and attack times; each run: "
-        "python benchmarks/harden_digits.py run --target T --variant V --out " + str(out),
+        "python benchmarks/harden_digits.py run --target T --variant V --out " + str(out) + " (the protected "
+        "training timed alone on 1 thread, then the attacks on 2 worker processes of 1 thread)",
         "suite": "digits",
         "recipe": str(RECIPE.relative_to(ROOT)),
         "methods": list(METHODS),
