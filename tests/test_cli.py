@@ -107,7 +107,11 @@ def test_listings():
     ties = next(m for m in listing["methods"] if m["name"] == "ties")
     assert ties["hparams"]["k"]["grid"][0] == 100 and "thresholds" not in ties["hparams"]
     assert "arXiv" in ties["reference"]
-    assert "trap2" in cli("objectives").stdout
+    listing = cli("objectives").stdout
+    assert "trap2" in listing
+    assert all(
+        f"\n{name} " in listing for name in ("scale", "layer_scale", "trim", "drop", "spectral", "isotropic")
+    )
 
 
 def test_demo_report_schema_and_cache(tmp_path):

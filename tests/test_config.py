@@ -88,12 +88,27 @@ def test_config_hash_tracks_every_field():
     assert config_hash(a) == config_hash(TrainConfig()) != config_hash(b)
 
 
+HARDENING_FIELDS = (
+    "operators",
+    "keep_min",
+    "keep_max",
+    "lookahead_steps",
+    "lookahead_lr",
+    "lookahead_objective",
+    "lookahead_update",
+)
+
+
 def test_a_later_field_at_its_default_keeps_old_cache_keys():
-    """objective.collateral, objective.law and protect_steps came after results were cached: at their
-    defaults the key is what it was without them."""
+    """objective.collateral, objective.law, the hardening fields and protect_steps came after results
+    were cached: at their defaults the key is what it was without them."""
     old = to_dict(TrainConfig())
     del old["objective"]["collateral"], old["objective"]["law"], old["protect_steps"]
+    for later in HARDENING_FIELDS:
+        del old["objective"][later]
     assert config_hash(TrainConfig()) == config_hash(old)
+    for later, value in [("operators", "scale,trim"), ("lookahead_steps", 1), ("keep_min", 0.2)]:
+        assert config_hash(TrainConfig(objective=ObjectiveConfig(**{later: value}))) != config_hash(old)
     assert config_hash(TrainConfig(objective=ObjectiveConfig(law="log"))) != config_hash(old)
     on = TrainConfig(objective=ObjectiveConfig(collateral=2.0))
     assert config_hash(on) != config_hash(TrainConfig()) != config_hash(TrainConfig(protect_steps=900))
@@ -115,6 +130,13 @@ NON_DEFAULT = {
     "law": "log",
     "bound": 50.0,
     "collateral": 0.3,
+    "operators": "layer_scale,spectral",
+    "keep_min": 0.2,
+    "keep_max": 0.8,
+    "lookahead_steps": 2,
+    "lookahead_lr": 0.01,
+    "lookahead_objective": "flatten",
+    "lookahead_update": "sgd",
 }
 
 

@@ -247,3 +247,47 @@ def test_the_feature_tap_is_registered_only_where_collateral_reads_it(mu):
     assert len(seen) >= 3  # the outer tap saw every forward
     for g, p in zip(got, model.backbone.parameters(), strict=True):
         assert torch.equal(g, p.grad)
+
+
+# Recorded from the paper's objective before the hardening extensions (operators, lookahead) existed:
+# at their defaults the step must give these numbers bit for bit (float64, fixed seeds).
+PAPER_STEP = {
+    ("lora", "paper"): ("0x1.1bd6393e83100p+0", "0x1.7b7ced0ef7da2p+0", "-0x1.390906124c0a8p+2"),
+    ("lora", "extended"): ("-0x1.055cab9222b3ep+0", "0x1.f4acd15461cb0p+0", "-0x1.2597581700624p+2"),
+    ("full", "paper"): ("0x1.5439aefd72272p-1", "-0x1.1f5eb5109dfd0p-7", "0x1.03d2ed86ffd60p-2"),
+    ("full", "extended"): ("-0x1.6fae3811549e6p+0", "-0x1.c94bc2396ce50p-5", "-0x1.2901e41cb477ap+2"),
+}
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("variant", ["paper", "extended"])
+def test_the_default_step_is_bit_identical_to_before_the_hardening(mode, variant):
+    from conftest import TinyNet
+    from peft import LoraConfig, get_peft_model
+
+    cfg = {
+        "paper": ObjectiveConfig(lam=0.3, n_samples=2),
+        "extended": ObjectiveConfig(lam=0.3, law="log", collateral=0.2, bound=2.0),
+    }[variant]
+    torch.manual_seed(0)
+    net = TinyNet().double()
+    if mode == "lora":
+        net = get_peft_model(
+            net, LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], init_lora_weights=False)
+        )
+        scaled = ScaledModel(net, "lora")
+    else:
+        w0 = base_params(net)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        scaled = ScaledModel(net, "full", w0)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
+    st = get_objective(cfg).backward(scaled, x, y, F.cross_entropy, torch.Generator().manual_seed(7))
+    g = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+    got = (
+        st.loss.hex(),
+        float(g.sum()).hex(),
+        float((g * torch.arange(g.numel(), dtype=g.dtype)).sum()).hex(),
+    )
+    assert got == PAPER_STEP[(mode, variant)]

@@ -151,3 +151,39 @@ def test_protect_result_renders_original_against_protected():
     assert "| acc(s) at s = 0.1 / 0.5 / 2 | 60.0 / 90.0 / 80.0 | 10.0 / 10.0 / 10.0 |" in rows
     assert "| TA: `t` / mean of 2 | 90.0 / 85.0 | 10.0 / 30.0 |" in rows
     assert rows[-1].endswith("| 1 | 0.250 (60 steps; plain then protect: 1.250) |")
+
+
+def test_harden_result_renders_one_row_per_variant_and_the_unprotected_once():
+    from trap2.eval.report import render
+
+    def run(variant, protected_acc, train):
+        return {
+            "target": "t",
+            "variant": variant,
+            "train_seconds": train,
+            "standalone": {"unprotected": 0.96, "protected": protected_acc},
+            "scaling_curve": {
+                "s": [0.5, 1.0, 2.0],
+                "unprotected": [0.9, 0.96, 0.8],
+                "protected": [0.1, 0.95, 0.2],
+            },
+            "attacks": [
+                {"method": "ta", "search": "global", "protected": False, "target_acc": 0.7, "mean_acc": 0.83},
+                {"method": "ta", "search": "global", "protected": True, "target_acc": 0.09, "mean_acc": 0.62},
+                {"method": "ta", "search": "untrap", "protected": True, "target_acc": 0.1, "mean_acc": 0.65},
+            ],
+        }
+
+    result = {
+        "kind": "harden",
+        "methods": ["ta"],
+        "searches": ["untrap"],
+        "runs": [run("paper", 0.95, 30.4), run("operators", 0.94, None)],
+    }
+    rows = render(result, "summary").splitlines()
+    assert rows[0] == "| target | update | standalone | acc(0.5) / acc(2) | TA | TA untrap | train s |"
+    assert rows[2:] == [
+        "| `t` | unprotected | 96.0 | 90.0 / 80.0 | 83.0 (70.0) | – | – |",
+        "| `t` | paper | 95.0 | 10.0 / 20.0 | 62.0 (9.0) | 65.0 (10.0) | 30 |",
+        "| `t` | operators | 94.0 | 10.0 / 20.0 | 62.0 (9.0) | 65.0 (10.0) | – |",
+    ]

@@ -48,7 +48,12 @@ ScoringOpt = Annotated[
     typer.Option(help="with --base, causal LMs: loglik (answer log-likelihood), exact (generation) or auto"),
 ]
 BatchOpt = Annotated[int, typer.Option(help="with --base: batch size of the suite's feature and eval passes")]
-MaxLenOpt = Annotated[int, typer.Option(help="with --base: tokens per text (cut to it) or per prompt + answer (a longer one is refused)")]
+MaxLenOpt = Annotated[
+    int,
+    typer.Option(
+        help="with --base: tokens per text (cut to it) or per prompt + answer (a longer one is refused)"
+    ),
+]
 
 
 def _threads(n: int | None) -> None:
@@ -430,9 +435,7 @@ def bench(
         list[str] | None,
         typer.Option(help="with --base: NAME=ADAPTER_DIR:DATA per task (repeatable; ADAPTER_DIR: optional)"),
     ] = None,
-    protected: Annotated[
-        str | None, typer.Option(help="the task protected (same as --targets NAME)")
-    ] = None,
+    protected: Annotated[str | None, typer.Option(help="the task protected (same as --targets NAME)")] = None,
     methods: Annotated[
         str | None, typer.Option(help="comma-separated merge methods (default: ta,ties,tsv,cart)")
     ] = None,
@@ -660,10 +663,15 @@ def report(
 def objectives() -> None:
     """List the registered training objectives."""
     from trap2.objectives import OBJECTIVES
+    from trap2.objectives.operators import OPERATORS
 
     for name in OBJECTIVES:
         doc = (sys.modules[OBJECTIVES.get(name).__module__].__doc__ or "").strip().splitlines()[0]
         typer.echo(f"{name:8} {doc}")
+    typer.echo("\noff-nominal operators of trap2 (--operators a,b,...; docs/hardening.md):")
+    for name in OPERATORS.registered():
+        op = OPERATORS.get(name)
+        typer.echo(f"{name:12} {op.summary} (stands for {op.stands_for})")
 
 
 @app.command()
@@ -676,7 +684,13 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
     for name in METHODS:
         m = METHODS.get(name)
         hp = {
-            k: {"default": h.default, "valid": h.valid, "help": h.help, "grid": list(h.grid), "searched": h.searched}
+            k: {
+                "default": h.default,
+                "valid": h.valid,
+                "help": h.help,
+                "grid": list(h.grid),
+                "searched": h.searched,
+            }
             for k, h in m.hparams.items()
             if k not in INTERNAL_HPARAMS
         }

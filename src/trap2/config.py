@@ -25,6 +25,8 @@ WEIGHTINGS = ("inv", "inv_sqrt", "none")
 SCALE_LAWS = ("uniform", "log")
 MODES = ("lora", "full")
 SELECTIONS = ("last", "best")
+LOOKAHEAD_OBJECTIVES = ("recover", "flatten")
+LOOKAHEAD_UPDATES = ("adam", "sgd")
 
 
 def help_field(text: str, default: Any = dataclasses.MISSING, hash_default: bool = True, **kw: Any) -> Any:
@@ -67,6 +69,41 @@ class ObjectiveConfig:
         0.0,
         hash_default=False,
     )
+    operators: str = help_field(
+        "hardening (trap2, trap2_distill): the off-nominal operators each draw picks from, comma-separated: "
+        "'scale' (the paper's s·ΔW), 'layer_scale' (one s per layer / tensor), 'trim' (top-k entries), "
+        "'drop' (DARE), 'spectral' (top directions kept, tail scaled), 'isotropic' (flat spectrum); draws "
+        "within δ of ΔW (‖op(ΔW) − ΔW‖/‖ΔW‖ < δ) are rejected. 'scale' alone = the paper",
+        "scale",
+        hash_default=False,
+    )
+    keep_min: float = help_field(
+        "hardening: smallest fraction kept by 'trim' and 'drop' (entries) and 'spectral' (directions)",
+        0.1,
+        hash_default=False,
+    )
+    keep_max: float = help_field("hardening: largest kept fraction (see keep_min)", 0.9, hash_default=False)
+    lookahead_steps: int = help_field(
+        "hardening (trap2, trap2_distill): first-order attacker steps taken on the batch before each trap "
+        "term, which is then measured (and its gradient taken) at the attacked update; 0 = the paper",
+        0,
+        hash_default=False,
+    )
+    lookahead_lr: float = help_field(
+        "hardening: the attacker's learning rate in the lookahead", 1e-3, hash_default=False
+    )
+    lookahead_objective: str = help_field(
+        "hardening: the attacker the lookahead anticipates: 'recover' (fine-tunes the off-nominal model "
+        "W0 + op(ΔW) on the task's loss) or 'flatten' (un-trapping: L at s = 1 plus L at op)",
+        "recover",
+        hash_default=False,
+    )
+    lookahead_update: str = help_field(
+        "hardening: the attacker's update rule in the lookahead: 'adam' (AdamW's first steps, β = 0.9, "
+        "0.999, no decay) or 'sgd'",
+        "adam",
+        hash_default=False,
+    )
 
     def __post_init__(self) -> None:
         _finite(self, "lam", "s_min", "s_max", "delta")
@@ -95,6 +132,50 @@ class ObjectiveConfig:
         _finite(self, "collateral")
         if self.collateral < 0:
             raise ConfigError(f"objective.collateral must be >= 0, got {self.collateral}")
+        self._check_hardening()
+
+    def _check_hardening(self) -> None:
+        from trap2.objectives.operators import OPERATORS  # registered there; imports this module
+
+        ops = self.operators
+        if isinstance(ops, (list, tuple)):
+            ops = ",".join(str(o) for o in ops)
+        if not isinstance(ops, str):
+            raise ConfigError(f"objective.operators must be a comma-separated string or a list, got {ops!r}")
+        names = [o.strip() for o in ops.split(",")]
+        if not all(names) or len(set(names)) != len(names):
+            raise ConfigError(f"objective.operators must name distinct operators, got {self.operators!r}")
+        unknown = [n for n in names if n not in OPERATORS]
+        if unknown:
+            raise ConfigError(
+                f"objective.operators: unknown operator {unknown[0]!r}; valid: {', '.join(OPERATORS.names())}"
+            )
+        object.__setattr__(self, "operators", ",".join(names))
+        _finite(self, "keep_min", "keep_max", "lookahead_lr")
+        if not 0 < self.keep_min <= self.keep_max <= 1:
+            raise ConfigError(
+                f"objective.keep_min/keep_max need 0 < keep_min <= keep_max <= 1, got {self.keep_min}, {self.keep_max}"
+            )
+        steps = self.lookahead_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ConfigError(f"objective.lookahead_steps must be an integer >= 0, got {steps!r}")
+        if self.lookahead_lr <= 0:
+            raise ConfigError(f"objective.lookahead_lr must be > 0, got {self.lookahead_lr}")
+        if self.lookahead_objective not in LOOKAHEAD_OBJECTIVES:
+            raise ConfigError(
+                f"objective.lookahead_objective must be one of {', '.join(LOOKAHEAD_OBJECTIVES)}; "
+                f"got {self.lookahead_objective!r}"
+            )
+        if self.lookahead_update not in LOOKAHEAD_UPDATES:
+            raise ConfigError(
+                f"objective.lookahead_update must be one of {', '.join(LOOKAHEAD_UPDATES)}; "
+                f"got {self.lookahead_update!r}"
+            )
+
+    @property
+    def hardened(self) -> bool:
+        """Whether an extension of the hardening is on (operators other than 'scale', a lookahead)."""
+        return self.operators != "scale" or self.lookahead_steps > 0
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,22 @@ def test_arguments_validate_and_parse(tmp_path):
     assert args(tmp_path, **kwargs).objective_config("lora") == extended
     with pytest.raises(ConfigError, match="collateral must be >= 0"):
         args(tmp_path, trap2_collateral=-1.0)
+    # the hardening's operators reach it too; its lookahead is the built-in loop's only
+    hardened = ObjectiveConfig(lam=0.1, operators="scale,trim", keep_min=0.2)
+    assert (
+        args(tmp_path, **Trap2TrainingArguments.objective_arguments(hardened)).objective_config("lora")
+        == hardened
+    )
+    with pytest.raises(ConfigError, match="unknown operator"):
+        args(tmp_path, trap2_operators="ties")
+
+
+def test_the_lookahead_is_refused_by_the_trainer(tmp_path, digits):
+    with pytest.raises(ConfigError, match="lookahead is implemented by the built-in loop"):
+        Trap2Trainer(model=digits_model(digits, "lora"), args=args(tmp_path, trap2_lookahead_steps=1))
+    trainer = Trap2Trainer(model=digits_model(digits, "lora"), args=args(tmp_path, trap2_operators="trim"))
+    with pytest.raises(ConfigError, match="use trap2_draws"):
+        trainer.trap2_scales(0)
 
 
 def test_plain_training_arguments_are_refused(tmp_path, digits):
@@ -113,7 +129,9 @@ def step_gradients(tmp_path, model, batch, key, view, cfg, seed=3):
     gen = torch.Generator().manual_seed(seed * 1_000_003)
     reference.train()
     stats = get_objective(cfg).backward(scaled, batch[key], batch["labels"], F.cross_entropy, gen)
-    assert stats.scales == trainer.trap2_scales(0)
+    assert stats.scales == [d.s for d in trainer.trap2_draws(0)]
+    if cfg.operators == "scale":
+        assert stats.scales == trainer.trap2_scales(0)
 
     got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     want = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
@@ -126,9 +144,12 @@ def step_gradients(tmp_path, model, batch, key, view, cfg, seed=3):
 
 PAPER = ObjectiveConfig(lam=0.1)
 EXTENDED = ObjectiveConfig(lam=0.1, law="log", collateral=0.3, s_min=0.1, bound=20.0)
+HARDENED = ObjectiveConfig(
+    lam=0.1, operators="layer_scale,trim,spectral,isotropic", n_samples=3, collateral=0.2
+)
 
 
-@pytest.mark.parametrize("cfg", [PAPER, EXTENDED], ids=["paper", "log-collateral"])
+@pytest.mark.parametrize("cfg", [PAPER, EXTENDED, HARDENED], ids=["paper", "log-collateral", "operators"])
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_step_gradient_equals_library_objective(tmp_path, digits, mode, cfg):
     """One Trainer micro-step accumulates exactly the gradient of Trap2Objective on the same batch and s,

@@ -369,7 +369,8 @@ def merge_time_tables(result: Mapping[str, Any]) -> Tables:
     methods = result["methods"]
     ta = methods.get("ta", {}).get("wall_s")
     rows = [
-        [f"`{m}`", f"{v['wall_s']:.1f}", f"{v['wall_s'] / ta:.1f}×" if ta else "–"] for m, v in methods.items()
+        [f"`{m}`", f"{v['wall_s']:.1f}", f"{v['wall_s'] / ta:.1f}×" if ta else "–"]
+        for m, v in methods.items()
     ]
     return {"methods": _table(["method", "merge wall time (s)", "× task arithmetic"], rows)}
 
@@ -417,6 +418,48 @@ def protect_tables(result: Mapping[str, Any]) -> Tables:
         ]
     )
     return {"summary": _table(["", "original (plain)", "protected (`trap2 protect`)"], rows)}
+
+
+def _harden_cell(by: Mapping[tuple[str, str, bool], Mapping[str, Any]], key: tuple[str, str, bool]) -> str:
+    a = by.get(key)
+    return "–" if a is None else f"{pct(a['mean_acc'])} ({pct(a['target_acc'])})"
+
+
+def _harden_curve(curve: Mapping[str, Any], key: str) -> str:
+    return " / ".join(pct(curve[key][curve["s"].index(s)]) if s in curve["s"] else "–" for s in (0.5, 2.0))
+
+
+@renderer("harden")
+def harden_tables(result: Mapping[str, Any]) -> Tables:
+    """``benchmarks/harden_digits.py``'s JSON: per target, the unprotected update and each objective variant
+    at equal optimizer steps — standalone, acc(s) at 0.5 / 2, each attack cell as merged mean (target),
+    and the protected training's wall time."""
+    cells = [(m, "global") for m in result["methods"]] + [("ta", s) for s in result["searches"]]
+    head = ["target", "update", "standalone", "acc(0.5) / acc(2)"]
+    head += [METHOD_NAMES.get(m, m) + ("" if se == "global" else f" {se}") for m, se in cells]
+    head += ["train s"]
+    rows = []
+    for r in result["runs"]:
+        t, curve = r["target"], r["scaling_curve"]
+        by = {(a["method"], a["search"], a["protected"]): a for a in r["attacks"]}
+        if r["variant"] == "paper":  # the unprotected pool, once per target
+            rows.append(
+                [
+                    f"`{t}`",
+                    "unprotected",
+                    pct(r["standalone"]["unprotected"]),
+                    _harden_curve(curve, "unprotected"),
+                ]
+                + [_harden_cell(by, (m, se, False)) for m, se in cells]
+                + ["–"]
+            )
+        train = r["train_seconds"]
+        rows.append(
+            [f"`{t}`", r["variant"], pct(r["standalone"]["protected"]), _harden_curve(curve, "protected")]
+            + [_harden_cell(by, (m, se, True)) for m, se in cells]
+            + ["–" if train is None else f"{train:.0f}"]
+        )
+    return {"summary": _table(head, rows)}
 
 
 @renderer("demo-time")

@@ -19,6 +19,11 @@ headless base model (``model.base_model``, e.g. ``BertModel`` in ``BertForSequen
 ``LlamaModel`` in ``LlamaForCausalLM``; a PEFT wrapper is looked through), whose first output is the last
 hidden state (B, L, D); the cosine is taken over the last dimension and averaged over the rest.
 
+With ``trap2_operators`` (hardening, docs/hardening.md) each off-nominal draw is an operator of the
+family (per-layer scales, trims, spectral reweighting) applied to the update, drawn from the same
+(seed, step) generator; the lookahead (``trap2_lookahead_steps``) is implemented by the built-in loop
+only and refused here.
+
 Every ``ObjectiveConfig`` field is a ``trap2_<field>`` argument, generated from the config's fields
 with their help text (``name`` is ``trap2_objective`` and ``lam`` is ``trap2_lambda``, whose ``None``
 means the paper's per-mode default), so a knob added to the config reaches the Trainer by itself.
@@ -49,7 +54,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from trap2.config import ObjectiveConfig, to_dict
 from trap2.errors import ConfigError, TrainingError
 from trap2.objectives.base import same_random_draws
-from trap2.objectives.trap2 import bounded, disruption, feature_tap, sample_scales, scale_weight
+from trap2.objectives.operators import Draw, draw_operators
+from trap2.objectives.trap2 import bounded, disruption, feature_tap, scale_weight
 from trap2.scaling import ScaledModel, base_params, lora_layers
 from trap2.training.loop import DIVERGENCE
 from trap2.updates import Update
@@ -168,6 +174,17 @@ class Trap2Mixin:
         # the library's scaled model: LoRA checks and scaling, or full fine-tuning's per-layer scaler
         self._trap2_scaled = ScaledModel(model, self.trap2_mode, w0)
         self.trap2_config = targs.objective_config(self.trap2_mode)
+        if self.trap2_config.lookahead_steps:
+            raise ConfigError(
+                "trap2_lookahead_steps: the lookahead is implemented by the built-in loop (trap2 train) only; "
+                "the Trainer takes trap2_operators"
+            )
+        sharded = self.accelerator.distributed_type in ("FSDP", "DEEPSPEED")
+        if self.trap2_config.operators != "scale" and sharded:
+            raise ConfigError(
+                "trap2_operators other than 'scale' read each unit's whole ΔW to draw and check an operator; "
+                "under FSDP / DeepSpeed the parameters are sharded: train single-process or with DDP"
+            )
         self._trap2_features = feature_module(model)  # read only with trap2_collateral > 0
         self._trap2_seed = targs.seed if targs.trap2_seed is None else targs.trap2_seed
         self._trap2_metrics: dict[str, list[float]] = defaultdict(list)
@@ -178,15 +195,29 @@ class Trap2Mixin:
 
     # --- the objective ------------------------------------------------------------------------------
 
-    def trap2_scales(self, step: int | None = None) -> list[float]:
-        """The scales s for optimizer step ``step`` (default: the current one)."""
+    def trap2_draws(self, step: int | None = None) -> list[Draw]:
+        """The off-nominal operators for optimizer step ``step`` (default: the current one); with the
+        paper's family (``scale``) the same on every process, and the same after resuming."""
         step = self.state.global_step if step is None else step
         gen = torch.Generator().manual_seed(self._trap2_seed * 1_000_003 + step)
-        return sample_scales(self.trap2_config, self.trap2_config.n_samples, gen)
+        return draw_operators(self.trap2_config, self._trap2_scaled, self.trap2_config.n_samples, gen)
 
-    def trap2_scaled(self, model: nn.Module, s: float) -> Any:
+    def trap2_scales(self, step: int | None = None) -> list[float]:
+        """The scales s for optimizer step ``step`` (default: the current one): the paper's family only
+        (an operator draw is not a scale; :meth:`trap2_draws` gives those)."""
+        if self.trap2_config.operators != "scale":
+            raise ConfigError(
+                f"trap2_operators={self.trap2_config.operators!r} draws operators: use trap2_draws()"
+            )
+        return [d.s for d in self.trap2_draws(step)]
+
+    def trap2_scaled(self, model: nn.Module, s: float | Draw) -> Any:
         """Context in which ``model`` (the trainer's model, or a DDP/FSDP wrapper of it: they share the
-        layers that are scaled) computes with W0 + s·ΔW."""
+        layers that are scaled) computes with W0 + s·ΔW, or with W0 + op(ΔW) for an operator draw."""
+        if isinstance(s, Draw):
+            if s.transforms is not None:
+                return self._trap2_scaled.transformed(s.transforms)
+            s = s.s
         return self._trap2_scaled.scale(s)
 
     def compute_loss(
@@ -201,7 +232,8 @@ class Trap2Mixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        scales = self.trap2_scales()
+        draws = self.trap2_draws()
+        scales = [d.s for d in draws]
         off_sum = 0.0
         offs, disrupted = [], []
         # feature_tap reads `.model`: point it at the module whose output is the features
@@ -214,8 +246,9 @@ class Trap2Mixin:
                 base = seen[-1].detach()
                 seen.clear()
                 replay()
-            for s in scales:
-                with self.trap2_scaled(model, s):
+            for d in draws:
+                s = d.s
+                with self.trap2_scaled(model, s if d.transforms is None else d):
                     off = super().compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
                     trap = bounded(off, cfg.bound)
                     if cfg.collateral:

@@ -29,6 +29,11 @@ class SplitTrap2Objective:
     def __init__(self, cfg: ObjectiveConfig, off_fraction: float = OFF_FRACTION) -> None:
         if cfg.collateral:
             raise ConfigError("objective.collateral is implemented by the two-pass 'trap2' objective only")
+        if cfg.hardened:
+            raise ConfigError(
+                "objective.operators and objective.lookahead_steps are implemented by the two-pass 'trap2' "
+                "objective only"
+            )
         self.cfg = cfg
         self.off_fraction = off_fraction
 

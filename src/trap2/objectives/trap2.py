@@ -12,12 +12,19 @@ input of the frozen head) and f_{W0} from a third, gradient-free pass at s = 0. 
 only makes the protected task wrong off scale; a merge of many tasks then still serves the others.
 D pushes the whole representation away from the pretrained one, which every other task's head was
 built on. D ∈ [0, 2], so it cannot run away.
+
+Hardening (extensions, not in the paper; docs/hardening.md): ``operators`` draws each off-nominal
+model from a family of operators beyond s·ΔW (per-layer scales, trims, spectral reweighting:
+``trap2.objectives.operators``), and ``lookahead_steps`` measures each trap term after the attacker's
+first steps on the batch (``trap2.objectives.lookahead``). With their defaults (``operators='scale'``,
+no lookahead) the step is the paper's, draw for draw and bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +35,11 @@ from torch import nn
 from trap2.config import ObjectiveConfig
 from trap2.errors import ConfigError
 from trap2.objectives.base import Loss, LossFn, StepStats, same_random_draws
+from trap2.objectives.lookahead import attacked
 from trap2.scaling import ScaledModel
+
+if typing.TYPE_CHECKING:
+    from trap2.objectives.operators import Draw
 
 
 def sample_scales(cfg: ObjectiveConfig, n: int, gen: torch.Generator) -> list[float]:
@@ -105,8 +116,11 @@ class Trap2Objective:
         loss_fn: Loss | LossFn,
         gen: torch.Generator,
     ) -> StepStats:
+        from trap2.objectives.operators import draw_operators
+
         cfg = self.cfg
-        scales = sample_scales(cfg, cfg.n_samples, gen)
+        draws = draw_operators(cfg, model, cfg.n_samples, gen)  # 'scale' alone: sample_scales, as the paper
+        params = [p for p in model.model.parameters() if p.requires_grad] if cfg.lookahead_steps else []
         # The tap keeps each backbone output it sees alive (B×L×V logits on a language model): it is
         # registered only around the passes whose output D(s) reads, and only when μ > 0.
         tapped = feature_tap if cfg.collateral else _no_tap
@@ -120,27 +134,62 @@ class Trap2Objective:
                     model(x, 0.0)
                 base = seen[-1].detach()
             off_values, disrupted = [], []
-            for s in scales:
-                replay()
-                with tapped(model) as seen:
-                    off = self.off_term(model(x, s), y, loss_fn)
-                trap = bounded(off, cfg.bound)
-                if cfg.collateral:
-                    d = disruption(seen[-1], base)
-                    trap = trap + cfg.collateral * d
-                    disrupted.append(float(d.detach()))
-                del seen
-                term = (self.sign * cfg.lam * scale_weight(cfg.weight, s) / len(scales)) * trap
-                term.backward()
+            for d in draws:
+                with self._lookahead(model, x, y, loss_fn, d, params, replay):
+                    replay()
+                    with tapped(model) as seen:
+                        off = self.off_term(_forward(model, x, d), y, loss_fn)
+                    trap = bounded(off, cfg.bound)
+                    if cfg.collateral:
+                        dis = disruption(seen[-1], base)
+                        trap = trap + cfg.collateral * dis
+                        disrupted.append(float(dis.detach()))
+                    del seen
+                    term = (self.sign * cfg.lam * scale_weight(cfg.weight, d.s) / len(draws)) * trap
+                    term.backward()
                 j += float(term.detach())
                 off_values.append(float(off.detach()))
         return StepStats(
             loss=j,
             nominal=float(nominal.detach()),
             off_nominal=sum(off_values) / len(off_values),
-            scales=scales,
+            scales=[d.s for d in draws],
             disruption=sum(disrupted) / len(disrupted) if disrupted else None,
         )
+
+    def _lookahead(
+        self,
+        model: ScaledModel,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: Loss | LossFn,
+        d: Draw,
+        params: list[torch.nn.Parameter],
+        replay: typing.Callable[[], None],
+    ) -> contextlib.AbstractContextManager[None]:
+        """Within the block the update is the attacker's after ``lookahead_steps`` steps against draw
+        ``d`` (nothing changes without a lookahead)."""
+        cfg = self.cfg
+        if not cfg.lookahead_steps:
+            return contextlib.nullcontext()
+
+        def attacker_loss() -> torch.Tensor:
+            replay()
+            loss = self.off_term(_forward(model, x, d), y, loss_fn)
+            if cfg.lookahead_objective == "flatten":
+                replay()
+                loss = loss + self.nominal_term(model(x, 1.0), y, loss_fn)
+            return loss
+
+        return attacked(params, attacker_loss, cfg.lookahead_steps, cfg.lookahead_lr, cfg.lookahead_update)
+
+
+def _forward(model: ScaledModel, x: torch.Tensor, d: Draw) -> torch.Tensor:
+    """The model's output at the draw's operator: W0 + s·ΔW (the paper's), or W0 + op(ΔW)."""
+    if d.transforms is None:
+        return model(x, d.s)
+    with model.transformed(d.transforms):
+        return model.model(x)
 
 
 class FlattenObjective(Trap2Objective):
@@ -154,5 +203,9 @@ class FlattenObjective(Trap2Objective):
         if cfg.collateral:
             raise ConfigError(
                 "objective.collateral is a Trap² knob; flatten (un-trapping) would pull features towards W0's"
+            )
+        if cfg.lookahead_steps:
+            raise ConfigError(
+                "objective.lookahead_steps is a Trap² knob (it anticipates an attacker like flatten)"
             )
         super().__init__(cfg)
