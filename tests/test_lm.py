@@ -244,3 +244,25 @@ def test_the_shipped_backbone_matches_its_record():
     model = lm.load_lm()
     assert 1e6 < sum(p.numel() for p in model.parameters()) < 3e6
     assert (lm.ASSET_DIR / "model.safetensors").stat().st_size < 4e6
+
+
+def test_the_bench_runs_on_the_suite(suite, tmp_path, monkeypatch):
+    """`trap2 bench --suite lm` end to end on the tiny config: LoRA, the plain pool and the protected
+    target (w(s) = 1/√s), the scaling curve and a merge; zero-shot as the metric gives it."""
+    from trap2.bench import BenchConfig, run_bench
+    from trap2.config import LoraSettings, ObjectiveConfig, TrainConfig
+    from trap2.suites import _BUILT
+
+    small = suite.subset(["add", "sort"])
+    monkeypatch.setitem(_BUILT, "lm", small)
+    lora = TrainConfig(steps=3, batch_size=4, eval_every=3, lora=LoraSettings(r=2, alpha=2),
+                       objective=ObjectiveConfig(lam=0.1, weight="inv_sqrt"))  # fmt: skip
+    cfg = BenchConfig(suite="lm", modes=("lora",), lora=lora, methods=("ta",), scales=(0.5, 1.0, 2.0))
+    summary = run_bench(cfg, tmp_path)
+    (cell,) = summary["cells"]
+    assert cell["target"] == "add" and set(cell["merges"]) == {"ta"}
+    backbone = small.make_backbone()
+    assert cell["zero_shot"]["sort"] == accuracy(backbone, small.task("sort"), "test")
+    report = json.loads((tmp_path / "lora" / "add" / "report.json").read_text())
+    assert report["scaling_curve"]["s"] == [0.5, 1.0, 2.0]
+    assert suite.recipes["lora"]["objective"]["weight"] == "inv_sqrt"
