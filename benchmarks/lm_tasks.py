@@ -5,7 +5,7 @@ each task's own?).
 Run:  python benchmarks/lm_tasks.py --cache runs/lm-bench/updates --out results/lm-tasks.json --threads 2
 The adapters are trained (or taken from --cache: the same folder `trap2 bench --suite lm --out
 runs/lm-bench` uses, so the bench reuses them) with `trap2 bench`'s LoRA recipe; --steps overrides its
-step count. Test split (200 questions per task).
+step count and --lr its learning rate. Test split (200 questions per task).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("runs/lm-bench/updates"))
     ap.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    ap.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
     ap.add_argument("--tasks", default=None, help="comma-separated subset (default: all)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -46,6 +47,8 @@ def main() -> None:
     cfg = BenchConfig(suite="lm").train_config(suite, "lora").plain()
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.lr is not None:
+        cfg = dataclasses.replace(cfg, lr=args.lr)
     backbone = suite.make_backbone()
     w0 = base_state(backbone)
     train_s, deltas = {}, {}
