@@ -54,7 +54,7 @@ RECIPES: dict[str, dict[str, object]] = {
     "lora": {
         "steps": 300,
         "batch_size": 16,
-        "lr": 2e-3,
+        "lr": 5e-3,
         "warmup_steps": 20,
         "eval_every": 300,
         "checkpoint_every": 100,

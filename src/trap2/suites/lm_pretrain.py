@@ -145,6 +145,6 @@ def train(
         state.optimizer.step()
         state.step += 1
         if log is not None and state.step % log_every == 0:
-            log(f"step {state.step}/{cfg.steps} loss {float(loss):.4f}")
+            log(f"step {state.step}/{cfg.steps} loss {loss.item():.4f}")
     state.seconds += time.perf_counter() - t0
     return state
