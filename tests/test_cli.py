@@ -34,7 +34,7 @@ def cli(*args, cwd=None):
         ),
         (
             ["--suite", "cifar"],
-            "unknown suite 'cifar'; valid: clip8, digits, math, text-transformer, vision-cnn",
+            "unknown suite 'cifar'; valid: clip8, digits, lm, math, text-transformer, vision-cnn",
         ),
         (["--task", "rot45"], "unknown task 'rot45'"),
         (["--weight", "cube"], "inv, inv_sqrt, none"),

@@ -67,6 +67,8 @@ def test_final_answer_parsing():
     assert math_lm.final_answer("#### 1,234") == "1234"
     assert math_lm.final_answer("####-3.5 and more") == "-3.5"
     assert math_lm.final_answer("no marker 7") is None
+    assert math_lm.final_answer("#### tbzqk \nmore") == "tbzqk"  # a short text answer
+    assert math_lm.final_answer("#### 929abc") == "929" and math_lm.final_answer("####  ") is None
 
 
 def test_a_model_that_learns_the_answers_scores_exact_match(suite):

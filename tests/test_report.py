@@ -187,3 +187,33 @@ def test_harden_result_renders_one_row_per_variant_and_the_unprotected_once():
         "| `t` | paper | 95.0 | 10.0 / 20.0 | 62.0 (9.0) | 65.0 (10.0) | 30 |",
         "| `t` | operators | 94.0 | 10.0 / 20.0 | 62.0 (9.0) | 65.0 (10.0) | – |",
     ]
+
+
+def test_lm_results_render_their_tables():
+    from trap2.eval.report import render_tables
+
+    tasks = {
+        "kind": "lm-tasks",
+        "tasks": ["add", "sort"],
+        "zero_shot": {"add": 0.0, "sort": 0.05},
+        "fine_tuned": {"add": 0.9, "sort": 0.6},
+        "cross": {"add": {"add": 0.9, "sort": 0.1}, "sort": {"add": 0.2, "sort": 0.6}},
+    }
+    table = render_tables(tasks)["tasks"]
+    assert "| `add` | 0.0 | 90.0 | +90.0 | 20.0 (`sort`) |" in table
+    assert "| `sort` | 5.0 | 60.0 | +55.0 | 10.0 (`add`) |" in table
+    cell = {"target": "add", "method": "ties", "knob": "lambda", "c": 0.5}
+    merges = {
+        "kind": "mergekit-cli",
+        "cells": [
+            {**cell, "protected": False, "acc": {"add": 0.8, "mean": 0.5}},
+            {**cell, "protected": True, "acc": {"add": 0.1, "mean": 0.3}},
+        ],
+    }
+    assert (
+        "| `add` | `ties` | 80.0 / 50.0 (lambda 0.5) | 10.0 / 30.0 (lambda 0.5) |"
+        in render_tables(merges)["merges"]
+    )
+    lam = {"kind": "lm-lambda", "scales": [0.5, 1.0], "rows": [{"lam": None, "curve": [0.8, 0.9]},
+                                                                 {"lam": 0.1, "curve": [0.0, 0.88]}]}  # fmt: skip
+    assert render_tables(lam)["curves"].splitlines()[-1] == "| Trap² λ=0.1 | 0.0 | 88.0 |"

@@ -462,6 +462,69 @@ def harden_tables(result: Mapping[str, Any]) -> Tables:
     return {"summary": _table(head, rows)}
 
 
+@renderer("lm-tasks")
+def lm_tasks_tables(result: Mapping[str, Any]) -> Tables:
+    """``benchmarks/lm_tasks.py``: each task's zero-shot and plain-LoRA exact match, and the best score any
+    other task's adapter reaches on it (``cross[adapter][task]``)."""
+    tasks, cross = result["tasks"], result["cross"]
+    rows = []
+    for t in tasks:
+        zs, ft = result["zero_shot"][t], result["fine_tuned"][t]
+        other = max((a for a in tasks if a != t), key=lambda a: cross[a][t])
+        rows.append(
+            [f"`{t}`", pct(zs), pct(ft), f"{100 * (ft - zs):+.1f}", f"{pct(cross[other][t])} (`{other}`)"]
+        )
+    head = ["task", "zero-shot", "plain LoRA", "gap (pp)", "best other task's adapter"]
+    return {"tasks": _table(head, rows)}
+
+
+@renderer("lm-lambda")
+def lm_lambda_tables(result: Mapping[str, Any]) -> Tables:
+    """``benchmarks/lm_lambda.py``: the target's scaling curve, plain and protected with each λ."""
+    head = ["update", *(f"s={s:g}" for s in result["scales"])]
+    rows = [
+        ["plain" if r["lam"] is None else f"Trap² λ={r['lam']:g}", *(pct(a) for a in r["curve"])]
+        for r in result["rows"]
+    ]
+    return {"curves": _table(head, rows)}
+
+
+@renderer("lm-pretrain")
+def lm_pretrain_tables(result: Mapping[str, Any]) -> Tables:
+    """``scripts/pretrain_lm.py --result``: the shipped backbone's pretraining run; with ``--check``, a rerun
+    from the same seed next to the shipped record."""
+    runs = (
+        [("shipped", result["shipped"]), ("rerun", result["check"])]
+        if "check" in result
+        else [("run", result)]
+    )
+    rows = [
+        [name, f"`{r['command']}`", str(r["steps"]), f"{r['val_loss']:.4f}", f"{r['train_seconds'] / 60:.1f}",
+         str(r["threads"])]
+        for name, r in runs
+    ]  # fmt: skip
+    head = ["", "command", "steps", "validation loss", "training minutes", "threads"]
+    return {"pretrain": _table(head, rows)}
+
+
+@renderer("mergekit-cli")
+def mergekit_cli_tables(result: Mapping[str, Any]) -> Tables:
+    """``benchmarks/mergekit_cli.py``: mergekit-yaml's merges of the unprotected pool and of the pool with
+    the target protected, target / mean exact match on test at the c chosen on validation."""
+    cells: dict[tuple[str, str], dict[bool, Mapping[str, Any]]] = {}
+    for c in result["cells"]:
+        cells.setdefault((c["target"], c["method"]), {})[c["protected"]] = c
+    rows = []
+    for (target, method), pair in cells.items():
+        rows.append(
+            [f"`{target}`", f"`{method}`"]
+            + [f"{pct(pair[p]['acc'][target])} / {pct(pair[p]['acc']['mean'])} ({pair[p]['knob']} {pair[p]['c']:g})"
+               if p in pair else "–" for p in (False, True)]
+        )  # fmt: skip
+    head = ["protected task", "mergekit method", "unprotected: target / mean", "Trap²: target / mean"]
+    return {"merges": _table(head, rows)}
+
+
 @renderer("demo-time")
 def demo_time_tables(result: Mapping[str, Any]) -> Tables:
     """``benchmarks/demo_time.py``'s JSON: the demo's wall time from a clean folder, and each stage's share."""

@@ -70,6 +70,15 @@ def _math() -> Suite:  # from local paths: $TRAP2_MATH_MODEL, $TRAP2_MATH_DATA
 SUITES.register("math", _math)
 
 
+def _lm() -> Suite:  # offline: the shipped character-level Llama and generated GSM8K-format tasks
+    from trap2.suites.lm import build_suite
+
+    return build_suite()
+
+
+SUITES.register("lm", _lm)
+
+
 def plugin_suites() -> dict[str, str]:
     """{name: "module:function"} of the installed ``trap2.suites`` entry points."""
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}

@@ -11,8 +11,11 @@ padded; targets ``(N, L - 1)``: ``y[t]`` is the token after position ``t`` on th
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,11 +92,32 @@ def prompt_and_answer(x: torch.Tensor, y: torch.Tensor) -> tuple[list[int], list
     return x[0, :start].tolist(), x[0, start : start + len(answer)].tolist()
 
 
-def causal_logits(lm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``(B, 2, L)`` [ids; mask] (left or right padding) → logits (B, L, V); positions count real tokens."""
+def causal_logits(lm: nn.Module, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
+    """``(B, 2, L)`` [ids; mask] (left or right padding) → logits (B, L, V); positions count real tokens.
+
+    With a transformers ``Cache`` holding the keys and values of the first P positions, only positions
+    P.. are run (the mask still covers all L) and their logits (B, L - P, V) returned; the cache is
+    extended in place."""
     ids, mask = x[:, 0], x[:, 1]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    return lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    if cache is None:
+        return lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    past = cache.get_seq_length()
+    kwargs = {_cache_argument(type(lm)): cache}
+    return lm(
+        input_ids=ids[:, past:],
+        attention_mask=mask,
+        position_ids=positions[:, past:],
+        use_cache=True,
+        **kwargs,
+    ).logits
+
+
+@functools.cache
+def _cache_argument(cls: type) -> str:
+    """The forward argument that takes a key/value cache: ``cache`` (transformers ≥ 5.2x) or
+    ``past_key_values`` (before)."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 class CausalLMBackbone(nn.Module):
@@ -103,8 +127,8 @@ class CausalLMBackbone(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return causal_logits(self.lm, x)
+    def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        return causal_logits(self.lm, x, cache)
 
 
 class PlainCausalLMBackbone(nn.Module):
@@ -127,8 +151,8 @@ class PlainCausalLMBackbone(nn.Module):
         self._lm.training = mode
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return causal_logits(self._lm, x)
+    def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        return causal_logits(self._lm, x, cache)
 
 
 class NextTokenHead(nn.Module):
@@ -157,8 +181,24 @@ def _on_device(backbone: nn.Module, params: Mapping[str, torch.Tensor] | None) -
     return device, {n: p.to(device) for n, p in (params or {}).items()}
 
 
-def _logits(backbone: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    return backbone(x) if not params else functional_call(backbone, params, (x,), strict=False)
+def _logits(
+    backbone: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor], cache: Any = None
+) -> torch.Tensor:
+    kwargs = {} if cache is None else {"cache": cache}
+    return (
+        backbone(x, **kwargs) if not params else functional_call(backbone, params, (x,), kwargs, strict=False)
+    )
+
+
+def _new_cache(backbone: nn.Module) -> Any:
+    """An empty key/value cache when the backbone (or the one a PEFT model wraps) is one of ours, which
+    take it; else None (every step recomputes the whole sequence)."""
+    core = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    if not isinstance(core, (CausalLMBackbone, PlainCausalLMBackbone)):
+        return None
+    from transformers import DynamicCache
+
+    return DynamicCache()
 
 
 @torch.no_grad()
@@ -170,7 +210,8 @@ def greedy_answers(
     max_new_tokens: int,
     params: Mapping[str, torch.Tensor] | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations of left-padded prompts (no KV cache: any parameter override works)."""
+    """Greedy continuations of left-padded prompts. Parameter overrides go through ``functional_call``;
+    our backbones keep a key/value cache (each step runs the new token only), others recompute."""
     device, params = _on_device(backbone, params)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.int64)
@@ -181,8 +222,9 @@ def greedy_answers(
     ids, mask = ids.to(device), mask.to(device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in prompts]
+    cache = _new_cache(backbone)
     for _ in range(max_new_tokens):
-        logits = _logits(backbone, torch.stack([ids, mask], dim=1), params)
+        logits = _logits(backbone, torch.stack([ids, mask], dim=1), params, cache)
         nxt = logits[:, -1].argmax(-1)
         for i in torch.nonzero(~done).flatten().tolist():
             if int(nxt[i]) == eos:

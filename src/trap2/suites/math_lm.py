@@ -7,7 +7,8 @@ Nothing is downloaded. Point the suite at local copies:
 - ``$TRAP2_MATH_MODEL``: a folder that ``AutoModelForCausalLM`` and ``AutoTokenizer`` load (e.g. a saved
   Llama-3.1-8B).
 - ``$TRAP2_MATH_DATA``: ``<task>/train.jsonl`` and ``<task>/test.jsonl`` per task, one
-  ``{"question": ..., "answer": ...}`` per line with the final answer after ``####`` (GSM8K's format).
+  ``{"question": ..., "answer": ...}`` per line with the final answer after ``####`` (GSM8K's format: a
+  number, or a short text such as ``#### tbzqk``).
   Every task folder is a task of the suite (e.g. gsm8k next to other skills to merge with).
 
 Each example is ``PROMPT`` + answer + EOS, tokenised once into ``MAX_LEN`` tokens; targets are the next
@@ -77,6 +78,7 @@ RECIPES: dict[str, dict[str, object]] = {
     },
 }
 _ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
+_MARKED = re.compile(r"####[ \t]*(\S[^\n]*)")
 
 
 def model_path() -> Path:
@@ -91,9 +93,13 @@ def data_root() -> Path:
 
 
 def final_answer(text: str) -> str | None:
-    """The number after ``####`` (commas dropped), or None."""
+    """The number after ``####`` (commas dropped); else the short text after ``####`` up to the line's
+    end, stripped (e.g. ``#### tbzqk``); None without either."""
     m = _ANSWER.search(text)
-    return None if m is None else m.group(1).replace(",", "").lstrip("+")
+    if m is not None:
+        return m.group(1).replace(",", "").lstrip("+")
+    m = _MARKED.search(text)
+    return None if m is None else m.group(1).strip()
 
 
 def read_jsonl(path: Path) -> list[dict[str, str]]:
@@ -104,7 +110,7 @@ def read_jsonl(path: Path) -> list[dict[str, str]]:
         if not isinstance(row, dict) or not isinstance(row.get("question"), str):
             raise DataError(f"{at}: needs a 'question' and an 'answer' string")
         if not isinstance(row.get("answer"), str) or final_answer(row["answer"]) is None:
-            raise DataError(f"{at}: the answer must end with '#### <number>'")
+            raise DataError(f"{at}: the answer must end with '#### <number>' (or '#### <short text>')")
         rows.append({"question": row["question"], "answer": row["answer"]})
     if not rows:
         raise DataError(f"{path}: no examples")

@@ -1,0 +1,123 @@
+"""The ``lm`` suite's generation tasks, as GSM8K-format rows (``question``; ``answer`` ending in
+``#### <value>``), drawn from a seeded generator: each task is a function ``rng -> (question, value)``.
+
+The questions are short English prompts; the pretraining mixture holds the same operations only in
+compact symbolic form (``347+582=929``, ``rev(abc)=cba``), never this format, so a task's zero-shot exact
+match is near 0 and its fine-tuning teaches the format and the skill's wording.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from trap2.errors import ConfigError
+from trap2.io import atomic_path
+
+Generator = Callable[[np.random.Generator], tuple[str, str]]
+NAMES = ("Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Ivy", "Jo", "Kim")
+THINGS = ("apples", "pens", "books", "coins", "cards", "eggs", "cups", "hats")
+
+
+def _int(rng: np.random.Generator, lo: int, hi: int) -> int:
+    return int(rng.integers(lo, hi + 1))
+
+
+def _letters(rng: np.random.Generator, lo: int, hi: int, distinct: bool = False) -> str:
+    n = _int(rng, lo, hi)
+    return "".join(rng.choice(list(string.ascii_lowercase), n, replace=not distinct))
+
+
+def add(rng: np.random.Generator) -> tuple[str, str]:
+    a, b = _int(rng, 100, 999), _int(rng, 100, 999)
+    return f"What is {a} plus {b}?", str(a + b)
+
+
+def subtract(rng: np.random.Generator) -> tuple[str, str]:
+    a, b = sorted((_int(rng, 100, 999), _int(rng, 100, 999)), reverse=True)
+    return f"What is {a} minus {b}?", str(a - b)
+
+
+def multiply(rng: np.random.Generator) -> tuple[str, str]:
+    a, b = _int(rng, 10, 99), _int(rng, 2, 9)
+    return f"What is {a} times {b}?", str(a * b)
+
+
+def modulo(rng: np.random.Generator) -> tuple[str, str]:
+    a, b = _int(rng, 10, 999), _int(rng, 3, 9)
+    return f"What is the remainder of {a} divided by {b}?", str(a % b)
+
+
+def word_problem(rng: np.random.Generator) -> tuple[str, str]:
+    name, thing = NAMES[_int(rng, 0, len(NAMES) - 1)], THINGS[_int(rng, 0, len(THINGS) - 1)]
+    a, b = _int(rng, 20, 99), _int(rng, 2, 19)
+    if rng.random() < 0.5:
+        return f"{name} has {a} {thing} and gets {b} more. How many now?", str(a + b)
+    return f"{name} has {a} {thing} and gives {b} away. How many now?", str(a - b)
+
+
+def reverse(rng: np.random.Generator) -> tuple[str, str]:
+    w = _letters(rng, 4, 6)
+    return f"Write {w} backwards.", w[::-1]
+
+
+def sort_letters(rng: np.random.Generator) -> tuple[str, str]:
+    w = _letters(rng, 4, 6, distinct=True)
+    return f"Put the letters of {w} in order.", "".join(sorted(w))
+
+
+# name: (generator, description)
+TASKS: dict[str, tuple[Generator, str]] = {
+    "add": (add, "sum of two 3-digit numbers"),
+    "subtract": (subtract, "difference of two 3-digit numbers (non-negative)"),
+    "multiply": (multiply, "2-digit number times 1-digit number"),
+    "modulo": (modulo, "remainder of a 2-3 digit number divided by 3-9"),
+    "word": (word_problem, "one-step word problems: gets more / gives away"),
+    "reverse": (reverse, "a 4-6 letter random string backwards"),
+    "sort": (sort_letters, "the distinct letters of a 4-6 letter string in alphabetical order"),
+}
+SPLITS = ("train", "val", "test")
+
+
+def answer_text(value: str) -> str:
+    return f"#### {value}"
+
+
+def task_rows(name: str, sizes: tuple[int, int, int], seed: int) -> dict[str, list[dict[str, str]]]:
+    """{split: rows}: ``sizes`` distinct questions per split, no question in two splits (seeded)."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown lm task {name!r}; valid: {', '.join(TASKS)}")
+    gen, _ = TASKS[name]
+    rng = np.random.default_rng([seed, *name.encode()])
+    seen: set[str] = set()
+    rows: list[dict[str, str]] = []
+    tries = 0
+    while len(rows) < sum(sizes):
+        question, value = gen(rng)
+        tries += 1
+        if tries > 50 * sum(sizes):
+            raise ConfigError(f"lm task {name!r}: cannot draw {sum(sizes)} distinct questions")
+        if question not in seen:
+            seen.add(question)
+            rows.append({"question": question, "answer": answer_text(value)})
+    a, b = sizes[0], sizes[0] + sizes[1]
+    return {"train": rows[:a], "val": rows[a:b], "test": rows[b:]}
+
+
+def write_jsonl(root: str | os.PathLike[str], sizes: tuple[int, int, int], seed: int) -> list[Path]:
+    """``root/<task>/{train,test}.jsonl`` (train holding train + val) in the layout the ``math`` suite reads."""
+    written = []
+    for name in TASKS:
+        rows = task_rows(name, sizes, seed)
+        for split, part in (("train", rows["train"] + rows["val"]), ("test", rows["test"])):
+            path = Path(root) / name / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in part))
+            written.append(path)
+    return written
