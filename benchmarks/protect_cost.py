@@ -1,7 +1,8 @@
 """Compute of ``trap2 protect`` against the original fine-tuning run and the from-scratch Trap² recipe.
 
 Run:  python benchmarks/protect_cost.py --suite digits --update ADAPTER --plain-steps 600 --protect-steps 80 \\
-          --scratch-steps 600 [--batch-size 64] [--rounds 5] [--steps 20] [--threads 2] [--out cost.json]
+          --scratch-steps 600 [--repair 0.5] [--lam 1] [--batch-size 64] [--rounds 5] [--steps 20] [--threads 2]
+          [--out cost.json]
 
 Compute = optimizer steps × step cost. In one process, on the same model and batch size, the step of
 plain fine-tuning (objective ``none``), of the from-scratch ``trap2`` objective and of the protect phase
@@ -9,7 +10,9 @@ plain fine-tuning (objective ``none``), of the from-scratch ``trap2`` objective 
 interleaved rounds (so drift in the machine's speed hits each alike; the median per objective), and
 the protect phase's one-off teacher pass over its inputs is timed too. Printed side by side:
 
-- protect / original fine-tuning = (protect steps × distill step + teacher pass) / (plain steps × plain step)
+- protect / original fine-tuning = (trap steps × distill step + repair steps × repair step + teacher pass)
+  / (plain steps × plain step), the repair steps being the last ``--repair`` fraction (``protect.repair``:
+  the teacher match alone); ``--off-fraction`` / ``--off-every`` time the cheaper trap steps of those knobs
 - plain-then-protect / plain = 1 + the above
 - from-scratch Trap² / plain = (scratch steps × trap2 step) / (plain steps × plain step)
 """
@@ -31,7 +34,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 
-def _runs(suite_name: str, update_path: str | None, batch: int, protect_batch: int, lam: float):
+def _runs(
+    suite_name: str,
+    update_path: str | None,
+    batch: int,
+    protect_batch: int,
+    lam: float,
+    off_fraction: float = 1.0,
+    off_every: int = 1,
+):
     """{objective: a prepared run of the loop} for plain, trap2 and the protect phase, and the protect run."""
     from trap2.config import ObjectiveConfig, TrainConfig
     from trap2.protect import ProtectConfig, prepare_protect
@@ -56,8 +67,13 @@ def _runs(suite_name: str, update_path: str | None, batch: int, protect_batch: i
     train = dataclasses.replace(
         base, batch_size=protect_batch, objective=ObjectiveConfig("trap2_distill", lam)
     )
-    prepared = prepare_protect(suite, update, ProtectConfig(train=train), task=task, force=True)
+    cfg = ProtectConfig(train=train, off_fraction=off_fraction, off_every=off_every)
+    prepared = prepare_protect(suite, update, cfg, task=task, force=True)
     runs["trap2_distill"] = prepared.run
+    # the repair steps (protect.repair): the teacher match alone, no off-nominal passes
+    repair = prepare_protect(suite, update, cfg, task=task, force=True).run
+    repair.objective.trap_steps = 0
+    runs["repair"] = repair
     return suite, task, runs, prepared
 
 
@@ -71,6 +87,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="batch of plain and from-scratch runs")
     ap.add_argument("--protect-batch-size", type=int, default=None, help="default: --batch-size")
     ap.add_argument("--lam", type=float, default=0.1)
+    ap.add_argument(
+        "--off-fraction", type=float, default=1.0, help="protect.off_fraction of the protect phase"
+    )
+    ap.add_argument("--off-every", type=int, default=1, help="protect.off_every of the protect phase")
+    ap.add_argument(
+        "--repair",
+        type=float,
+        default=0.0,
+        help="protect.repair: the fraction of steps that are repair steps",
+    )
     ap.add_argument("--steps", type=int, default=20, help="timed steps per objective per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
@@ -82,8 +108,16 @@ def main() -> None:
     from trap2.protect import teacher_outputs
     from trap2.training.loop import _step
 
+    if args.steps % args.off_every:
+        ap.error("--steps must be a multiple of --off-every (each round times whole cycles)")
     suite, task, runs, prepared = _runs(
-        args.suite, args.update, args.batch_size, args.protect_batch_size or args.batch_size, args.lam
+        args.suite,
+        args.update,
+        args.batch_size,
+        args.protect_batch_size or args.batch_size,
+        args.lam,
+        args.off_fraction,
+        args.off_every,
     )
     times: dict[str, list[float]] = {name: [] for name in runs}
     step = 0
@@ -107,16 +141,25 @@ def main() -> None:
     teacher = statistics.median(teacher_s)
 
     plain = args.plain_steps * step_s["none"]
-    protect = args.protect_steps * step_s["trap2_distill"] + teacher
+    n_trap = round(args.protect_steps * (1 - args.repair))  # as trap2.protect.trap_steps
+    n_repair = args.protect_steps - n_trap
+    protect = n_trap * step_s["trap2_distill"] + n_repair * step_s["repair"] + teacher
     scratch = args.scratch_steps * step_s["trap2"]
     rows = [
         ("plain fine-tuning (the original)", args.plain_steps, step_s["none"], plain),
         (
-            "protect phase (trap2_distill + teacher pass)",
-            args.protect_steps,
+            "protect: trap steps (trap2_distill)",
+            n_trap,
             step_s["trap2_distill"],
-            protect,
+            n_trap * step_s["trap2_distill"],
         ),
+        (
+            "protect: repair steps (teacher match alone)",
+            n_repair,
+            step_s["repair"],
+            n_repair * step_s["repair"],
+        ),
+        ("protect phase (both + teacher pass)", args.protect_steps, None, protect),
         ("plain, then protect", args.plain_steps + args.protect_steps, None, plain + protect),
         ("from-scratch Trap²", args.scratch_steps, step_s["trap2"], scratch),
     ]
@@ -144,9 +187,16 @@ def main() -> None:
             "step_seconds_rounds": times,
             "teacher_pass_seconds": teacher,
             "teacher_inputs": len(x),
+            "protect_settings": {
+                "repair": args.repair,
+                "off_fraction": args.off_fraction,
+                "off_every": args.off_every,
+            },
             "steps": {
                 "plain": args.plain_steps,
                 "protect": args.protect_steps,
+                "protect_trap": n_trap,
+                "protect_repair": n_repair,
                 "scratch": args.scratch_steps,
             },
             "compute_seconds": {"plain": plain, "protect": protect, "scratch": scratch},

@@ -15,7 +15,7 @@ from trap2.errors import ConfigError, DataError, UpdateFileError
 from trap2.eval.evaluate import base_state, scaling_curve
 from trap2.objectives import get_objective
 from trap2.objectives.self_distill import SelfDistillObjective, distill_loss, teacher_ce
-from trap2.protect import ProtectConfig, protect_update, update_fingerprint
+from trap2.protect import ProtectConfig, protect_update, trap_steps, update_fingerprint
 from trap2.scaling import ScaledModel
 from trap2.training import train_update
 from trap2.updates import load_update
@@ -84,6 +84,70 @@ def test_objective_gradient_matches_the_hand_written_J(tiny_net):
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.allclose(got[n], p.grad, atol=1e-6), n
+
+
+def test_cheaper_trap_steps_match_the_hand_written_J(tiny_net):
+    """off_fraction: the off-nominal term on the batch's first inputs only; off_every = 2: odd steps are the
+    teacher match alone, even steps carry the off-nominal term with λ·2."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(tiny_net, LoraConfig(r=2, lora_alpha=2, target_modules=["fc1", "fc2"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    scaled = ScaledModel(model, "lora")
+    x, teacher = torch.randn(8, 6), torch.randn(8, 5)
+    cfg = ObjectiveConfig(name="trap2_distill", lam=0.4, weight="inv")
+    objective = SelfDistillObjective(cfg, off_fraction=0.25, off_every=2)
+    gen = torch.Generator().manual_seed(3)
+
+    def grads() -> dict[str, torch.Tensor]:
+        g = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        return g
+
+    first = objective.backward(scaled, x, teacher, F.cross_entropy, gen)
+    got_first = grads()
+    second = objective.backward(scaled, x, teacher, F.cross_entropy, gen)
+    got_second = grads()
+    assert first.scales == [] and first.off_nominal is None
+    (s,) = second.scales
+    for st, got, j in (
+        (first, got_first, distill_loss(scaled(x, 1.0), teacher)),
+        (
+            second,
+            got_second,
+            distill_loss(scaled(x, 1.0), teacher)
+            - 2 * 0.4 / s * F.cross_entropy(scaled(x[:2], s), teacher[:2].argmax(-1)),
+        ),
+    ):
+        j.backward()
+        assert st.loss == pytest.approx(float(j.detach()), rel=1e-5)
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(got[n], p.grad, atol=1e-6), n
+        model.zero_grad()
+    assert objective.cfg.lam == 0.4  # λ·2 held for the step only
+
+
+def test_repair_steps_are_the_teacher_match_alone(tiny_net):
+    """trap_steps = 2 (ProtectConfig.repair: the last steps): steps 1–2 draw a scale, 3–4 are KL(t‖f_1)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = ScaledModel(get_peft_model(tiny_net, LoraConfig(r=2, target_modules=["fc1"])), "lora")
+    x, teacher = torch.randn(8, 6), torch.randn(8, 5)
+    objective = SelfDistillObjective(ObjectiveConfig(name="trap2_distill", lam=0.4), trap_steps=2)
+    gen = torch.Generator().manual_seed(0)
+    stats = [objective.backward(model, x, teacher, F.cross_entropy, gen) for _ in range(4)]
+    assert [len(st.scales) for st in stats] == [1, 1, 0, 0]
+    assert stats[3].loss == pytest.approx(float(distill_loss(model(x, 1.0), teacher)), rel=1e-5)
+    assert trap_steps(ProtectConfig(repair=0.5)) == 50 and trap_steps(ProtectConfig()) is None
+    with pytest.raises(ConfigError, match="repair must be in"):
+        ProtectConfig(repair=1.0)
+    with pytest.raises(ConfigError, match="apply to targets='teacher'"):
+        ProtectConfig(targets="labels", repair=0.5)
 
 
 def test_labels_are_refused_as_teacher_outputs(tiny_net):
@@ -261,7 +325,7 @@ def test_cost_benchmark_reports_consistent_ratios(plain_lora, tmp_path):
     script = Path(__file__).parents[1] / "benchmarks" / "protect_cost.py"
     out = tmp_path / "cost.json"
     args = ["--update", plain_lora, "--plain-steps", "600", "--protect-steps", "60", "--scratch-steps", "600"]
-    args += ["--steps", "1", "--rounds", "1", "--out", out]
+    args += ["--repair", "0.25", "--steps", "1", "--rounds", "1", "--out", out]
     done = subprocess.run(
         [sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=120
     )
@@ -270,6 +334,9 @@ def test_cost_benchmark_reports_consistent_ratios(plain_lora, tmp_path):
     r = json.loads(out.read_text())
     c, step = r["compute_seconds"], r["step_seconds"]
     assert c["plain"] == pytest.approx(600 * step["none"])
-    assert c["protect"] == pytest.approx(60 * step["trap2_distill"] + r["teacher_pass_seconds"])
+    assert r["steps"]["protect_trap"] == 45 and r["steps"]["protect_repair"] == 15
+    assert c["protect"] == pytest.approx(
+        45 * step["trap2_distill"] + 15 * step["repair"] + r["teacher_pass_seconds"]
+    )
     assert r["ratios"]["plain_then_protect_over_plain"] == pytest.approx(1 + c["protect"] / c["plain"])
     assert r["kind"] == "protect-cost" and {"command", "threads", "machine", "wall_seconds"} <= set(r)

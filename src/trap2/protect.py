@@ -75,6 +75,22 @@ class ProtectConfig:
     )
     match: str = help_field("teacher matching at s = 1: 'kl' on the head's logits, 'mse' on features", "kl")
     temperature: float = help_field("distillation temperature T of the KL term", 1.0)
+    off_fraction: float = help_field(
+        "fraction of each batch the off-nominal passes see (the teacher match at s = 1 sees all of it): "
+        "a cheaper step, so more steps fit the same compute",
+        1.0,
+    )
+    repair: float = help_field(
+        "fraction of the steps, at the end, that are the teacher match alone (no off-nominal passes, the "
+        "cost of a plain step): the trap is carved first, then the predictions at s = 1 are pulled back to "
+        "the teacher's; 0 = the off-nominal term on every step",
+        0.0,
+    )
+    off_every: int = help_field(
+        "run the off-nominal passes on every N-th step only, with λ·N (the steps between are the teacher "
+        "match alone, at the cost of a plain step)",
+        1,
+    )
 
     def __post_init__(self) -> None:
         if self.targets not in TARGETS:
@@ -83,10 +99,25 @@ class ProtectConfig:
             raise ConfigError(f"protect.match must be one of {', '.join(MATCHES)}; got {self.match!r}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ConfigError(f"protect.temperature must be > 0, got {self.temperature!r}")
+        if not (isinstance(self.off_fraction, (int, float)) and 0 < self.off_fraction <= 1):
+            raise ConfigError(f"protect.off_fraction must be in (0, 1], got {self.off_fraction!r}")
+        if not (isinstance(self.repair, (int, float)) and 0 <= self.repair < 1):
+            raise ConfigError(f"protect.repair must be in [0, 1), got {self.repair!r}")
+        if not isinstance(self.off_every, int) or isinstance(self.off_every, bool) or self.off_every < 1:
+            raise ConfigError(f"protect.off_every must be an integer >= 1, got {self.off_every!r}")
+        if self.targets == "labels" and (self.off_fraction != 1 or self.off_every != 1 or self.repair):
+            raise ConfigError(
+                "protect.repair, off_fraction and off_every apply to targets='teacher' (trap2_distill)"
+            )
         want = "trap2_distill" if self.targets == "teacher" else "trap2"
         if self.train.objective.name != want:  # the objective follows the targets
             objective = dataclasses.replace(self.train.objective, name=want)
             object.__setattr__(self, "train", dataclasses.replace(self.train, objective=objective))
+
+
+def trap_steps(cfg: ProtectConfig) -> int | None:
+    """How many of the protect run's first steps carry the off-nominal term (None: every step)."""
+    return round(cfg.train.steps * (1 - cfg.repair)) if cfg.repair else None
 
 
 @dataclass
@@ -299,7 +330,9 @@ def prepare_protect(
     teacher = teacher_outputs(model, x)  # (N, C), frozen
     if cfg.targets == "teacher":
         run_task = dataclasses.replace(t, train=Split(x, teacher))
-        objective = SelfDistillObjective(train.objective, cfg.match, cfg.temperature)
+        objective = SelfDistillObjective(
+            train.objective, cfg.match, cfg.temperature, cfg.off_fraction, cfg.off_every, trap_steps(cfg)
+        )
     else:
         run_task, objective = t, get_objective(train.objective)
     run = _run_for(train, run_task, objective, device, model, w0)
@@ -338,6 +371,9 @@ def protect_update(
         "targets": cfg.targets,
         "match": cfg.match,
         "temperature": cfg.temperature,
+        "repair": cfg.repair,
+        "off_fraction": cfg.off_fraction,
+        "off_every": cfg.off_every,
         "inputs": p.n_inputs,
         "steps": train.steps,
         "agreement_test": agreement,

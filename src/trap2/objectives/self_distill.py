@@ -17,6 +17,8 @@ positions are all counted.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -65,13 +67,31 @@ def teacher_ce(
 class SelfDistillObjective(Trap2Objective):
     name = "trap2_distill"
 
-    def __init__(self, cfg: ObjectiveConfig, match: str = "kl", temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        cfg: ObjectiveConfig,
+        match: str = "kl",
+        temperature: float = 1.0,
+        off_fraction: float = 1.0,
+        off_every: int = 1,
+        trap_steps: int | None = None,
+    ) -> None:
         if match not in MATCHES:
             raise ConfigError(f"distillation match must be one of {', '.join(MATCHES)}; got {match!r}")
         if not temperature > 0:
             raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
+        if not 0 < off_fraction <= 1:
+            raise ConfigError(f"off_fraction must be in (0, 1], got {off_fraction}")
+        if not isinstance(off_every, int) or off_every < 1:
+            raise ConfigError(f"off_every must be an integer >= 1, got {off_every!r}")
+        if trap_steps is not None and (not isinstance(trap_steps, int) or trap_steps < 0):
+            raise ConfigError(f"trap_steps must be null or an integer >= 0, got {trap_steps!r}")
         super().__init__(cfg)
         self.match, self.temperature = match, temperature
+        self.off_fraction, self.off_every = off_fraction, off_every
+        # the off-nominal passes run in the first trap_steps steps only (None: on every step)
+        self.trap_steps = trap_steps
+        self.steps_seen = 0  # backward() calls so far: every off_every-th one runs the off-nominal passes
 
     def nominal_term(self, out: torch.Tensor, y: torch.Tensor, loss_fn: Loss | LossFn) -> torch.Tensor:
         """T²·KL to the teacher ``y`` (MSE with ``match='mse'``)."""
@@ -98,4 +118,24 @@ class SelfDistillObjective(Trap2Objective):
         measured against the teacher."""
         if not y.is_floating_point():
             raise ConfigError("trap2_distill: y must be the teacher's outputs (float), not labels")
-        return super().backward(model, x, y, loss_fn, gen)
+        self.steps_seen += 1
+        repairing = self.trap_steps is not None and self.steps_seen > self.trap_steps
+        if repairing or self.steps_seen % self.off_every:  # a nominal-only step: the teacher match alone
+            nominal = self.nominal_term(model(x, 1.0), y, loss_fn)
+            nominal.backward()
+            return StepStats(loss=float(nominal.detach()), nominal=float(nominal.detach()))
+        if self.off_every == 1:
+            return super().backward(model, x, y, loss_fn, gen)
+        # the off-nominal passes run on every off_every-th step with λ·off_every: the same trap weight
+        # per input seen as with the passes on every step
+        cfg = self.cfg
+        self.cfg = dataclasses.replace(cfg, lam=cfg.lam * self.off_every)
+        try:
+            return super().backward(model, x, y, loss_fn, gen)
+        finally:
+            self.cfg = cfg
+
+    def off_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``off_fraction`` of the batch (at least one input): the batch is already shuffled."""
+        n = max(1, round(len(x) * self.off_fraction))
+        return x[:n], y[:n]

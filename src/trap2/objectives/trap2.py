@@ -108,6 +108,10 @@ class Trap2Objective:
         """L at an off-nominal s, before the bound and the weight."""
         return loss_fn(out, y)
 
+    def off_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part of the batch the off-nominal passes see (all of it; ``trap2_distill`` may take fewer)."""
+        return x, y
+
     def backward(
         self,
         model: ScaledModel,
@@ -128,6 +132,7 @@ class Trap2Objective:
             nominal = self.nominal_term(model(x, 1.0), y, loss_fn)
             nominal.backward()
             j = float(nominal.detach())
+            x, y = self.off_batch(x, y)
             if cfg.collateral:
                 replay()
                 with torch.no_grad(), feature_tap(model) as seen:
