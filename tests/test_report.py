@@ -217,3 +217,21 @@ def test_lm_results_render_their_tables():
     lam = {"kind": "lm-lambda", "scales": [0.5, 1.0], "rows": [{"lam": None, "curve": [0.8, 0.9]},
                                                                  {"lam": 0.1, "curve": [0.0, 0.88]}]}  # fmt: skip
     assert render_tables(lam)["curves"].splitlines()[-1] == "| Trap² λ=0.1 | 0.0 | 88.0 |"
+
+
+def test_protect_sweep_renderer_shows_the_named_rows():
+    from trap2.eval.report import RENDERERS
+
+    rows = [
+        {"spec_str": "a", "agreement_test": 0.99, "acc_protected": 0.95, "curve": [0.9, 0.1, 0.2], "cost_vs_plain600": 0.25},
+        {"spec_str": "b", "agreement_test": 0.5, "acc_protected": 0.5, "curve": [0.9, 0.3, 0.4]},
+    ]  # fmt: skip
+    result = {"kind": "protect-sweep", "curve_s": [0.0, 0.5, 2.0], "rows": rows, "shown": ["a"]}
+    table = RENDERERS["protect-sweep"](result)["rows"].splitlines()
+    assert table[0] == "| setting | agreement | standalone | acc(s) at 0.5 / 2 | cost |"
+    assert table[2:] == ["| `a` | 99.0 | 95.0 | 10.0 / 20.0 | 0.25× |"]
+    del result["shown"]
+    assert (
+        RENDERERS["protect-sweep"](result)["rows"].splitlines()[3]
+        == "| `b` | 50.0 | 50.0 | 30.0 / 40.0 | – |"
+    )

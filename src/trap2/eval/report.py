@@ -525,6 +525,35 @@ def mergekit_cli_tables(result: Mapping[str, Any]) -> Tables:
     return {"merges": _table(head, rows)}
 
 
+@renderer("protect-sweep")
+def protect_sweep_tables(result: Mapping[str, Any]) -> Tables:
+    """A sweep of ``trap2 protect`` settings (``benchmarks/protect_sweep.py``): per setting, top-1 agreement
+    with the original, standalone accuracy, acc(s) off s = 1 and the cost against the original's plain
+    steps; the rows named in ``shown`` (all when absent)."""
+    curve_s = result["curve_s"]
+    marks = [s for s in (0.1, 0.25, 0.5, 0.9, 1.1, 2.0) if s in curve_s]
+    shown = result.get("shown")
+    rows = []
+    for r in result["rows"]:
+        spec = r.get("spec_str") or r.get("spec (steps,lam,lr,extra)", "?")
+        if shown is not None and spec not in shown:
+            continue
+        curve = r.get("curve")
+        at = " / ".join(pct(curve[curve_s.index(s)]) for s in marks) if curve else "–"
+        cost = r.get("cost_vs_plain600")
+        rows.append(
+            [
+                f"`{spec}`",
+                pct(r["agreement_test"]),
+                pct(r["acc_protected"]),
+                at,
+                "–" if cost is None else f"{cost:.2f}×",
+            ]
+        )
+    head = ["setting", "agreement", "standalone", "acc(s) at " + " / ".join(f"{s:g}" for s in marks), "cost"]
+    return {"rows": _table(head, rows)}
+
+
 @renderer("demo-time")
 def demo_time_tables(result: Mapping[str, Any]) -> Tables:
     """``benchmarks/demo_time.py``'s JSON: the demo's wall time from a clean folder, and each stage's share."""
