@@ -62,8 +62,17 @@ def test_bench_cells_summary_and_resume(tmp_path, monkeypatch):
 
     # the command line: the same settings from YAML and flags reuse the finished cell and print the table
     (tmp_path / "b.yaml").write_text("lora: {steps: 20, eval_every: 20}\nscales: [0.5, 1.0, 2.0]\n")
-    args = ["bench", "--out", str(tmp_path), "--config", str(tmp_path / "b.yaml"), "--modes", "lora",
-            "--threats", "none"]
+    args = [
+        "bench",
+        "--out",
+        str(tmp_path),
+        "--config",
+        str(tmp_path / "b.yaml"),
+        "--modes",
+        "lora",
+        "--threats",
+        "none",
+    ]
     result = CliRunner().invoke(app, [*args, "--targets", "rot90", "--methods", "ta,ties", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "| rot90 |" in result.output

@@ -257,8 +257,9 @@ def test_the_bench_runs_on_the_suite(suite, tmp_path, monkeypatch):
     monkeypatch.setitem(_BUILT, "lm", small)
     lora = TrainConfig(steps=3, batch_size=4, eval_every=3, lora=LoraSettings(r=2, alpha=2),
                        objective=ObjectiveConfig(lam=0.1, weight="inv_sqrt"))  # fmt: skip
-    cfg = BenchConfig(suite="lm", modes=("lora",), lora=lora, methods=("ta",), scales=(0.5, 1.0, 2.0),
-                      threats=None)
+    cfg = BenchConfig(
+        suite="lm", modes=("lora",), lora=lora, methods=("ta",), scales=(0.5, 1.0, 2.0), threats=None
+    )
     summary = run_bench(cfg, tmp_path)
     (cell,) = summary["cells"]
     assert cell["target"] == "add" and set(cell["merges"]) == {"ta"}

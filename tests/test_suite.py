@@ -15,7 +15,9 @@ def test_digits_suite_shape(digits):
         assert not any(p.requires_grad for p in t.head.parameters())
     with pytest.raises(UnknownNameError, match="valid: rot90, flip"):
         digits.task("rot45")
-    with pytest.raises(UnknownNameError, match="valid: clip8, digits, lm, math, text-transformer, vision-cnn"):
+    with pytest.raises(
+        UnknownNameError, match="valid: clip8, digits, lm, math, text-transformer, vision-cnn"
+    ):
         get_suite("imagenet")
     assert "digits" in SUITES
 

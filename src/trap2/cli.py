@@ -225,7 +225,9 @@ def train(
 # the attacker grid (docs/threats.md): recovery, un-trapping and distillation over lr × steps × samples × ...
 ThreatsOpt = Annotated[
     str | None,
-    typer.Option(help="also run the attacker grid: 'quick', 'full' or 'none' (docs/threats.md); default none"),
+    typer.Option(
+        help="also run the attacker grid: 'quick', 'full' or 'none' (docs/threats.md); default none"
+    ),
 ]
 BenchThreatsOpt = Annotated[
     str | None,
