@@ -17,6 +17,7 @@ from trap2.pipeline import DemoConfig
 from trap2.scaling import ScaledModel
 from trap2.suites import _BUILT, math_lm
 from trap2.suites.base import TaskModel
+from trap2.suites.causal_lm import IGNORE
 from trap2.training.loop import train_update
 from trap2.updates import apply_delta
 
@@ -124,7 +125,7 @@ def _masked_token_ce(logits, y):
     """Per sample: mean over the answer tokens of −log p(target); logits (B, V, L-1), y (B, L-1)."""
     out = []
     for lg, t in zip(logits, y, strict=True):
-        keep = torch.nonzero(t != math_lm.IGNORE).flatten()
+        keep = torch.nonzero(t != IGNORE).flatten()
         lp = lg.double().log_softmax(0)
         out.append(-lp[t[keep], keep].mean())
     return torch.stack(out)

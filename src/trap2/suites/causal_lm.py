@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from trap2.errors import DataError
-from trap2.suites.base import Split
+from trap2.suites.base import CrossEntropy, Split, Task
 
 IGNORE = -100
 
@@ -161,6 +161,22 @@ class NextTokenHead(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[:, :-1].transpose(1, 2)
+
+
+def generation_task(name: str, tok, splits: Mapping[str, Split], description: str, metric: Any) -> Task:
+    """A causal-LM task: the parameter-free next-token head, the loss on the answer tokens (the prompt and
+    padding ignored), splits ``train``/``val``/``test`` as :func:`encode_pairs` makes them."""
+    return Task(
+        name,
+        len(tok),
+        splits["train"],
+        splits["val"],
+        splits["test"],
+        NextTokenHead(),
+        description,
+        metric,
+        CrossEntropy(ignore_index=IGNORE),
+    )
 
 
 def load_causal_lm(path: Path, plain_names: bool = False) -> nn.Module:

@@ -43,14 +43,13 @@ from trap2.data.files import jsonl_values
 from trap2.data.prepare import weights_fingerprint
 from trap2.errors import ConfigError, DataError
 from trap2.hf.targets import default_lora_targets
-from trap2.suites.base import CrossEntropy, Evaluator, Split, Suite, Task
+from trap2.suites.base import Evaluator, Split, Suite, Task
 from trap2.suites.causal_lm import (
-    IGNORE,
     AnswerChoice,
     ExactMatch,
-    NextTokenHead,
     answer_ids,
     encode_pairs,
+    generation_task,
     load_causal_lm,
     load_tokenizer,
     pad_id,
@@ -260,17 +259,7 @@ def _task(
     else:  # a different tokenisation of the same text may take more tokens than the reference
         metric = ExactMatch(tok, 2 * max(len(c) for c in candidates) + 2, batch_size)
     description = f"{spec.data} (prompt/answer, {scoring}: {len(candidates)} distinct answers)"
-    task = Task(
-        spec.name,
-        len(tok),
-        encoded["train"],
-        encoded["val"],
-        encoded["test"],
-        NextTokenHead(),
-        description,
-        metric,
-        CrossEntropy(ignore_index=IGNORE),
-    )
+    task = generation_task(spec.name, tok, encoded, description, metric)
     return task, scoring
 
 

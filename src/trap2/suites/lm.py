@@ -27,13 +27,12 @@ import torch
 from trap2.data.prepare import weights_fingerprint
 from trap2.errors import DataError
 from trap2.io import atomic_dir, file_sha256, write_json
-from trap2.suites.base import CrossEntropy, Split, Suite, Task
+from trap2.suites.base import Split, Suite
 from trap2.suites.causal_lm import (
-    IGNORE,
     ExactMatch,
-    NextTokenHead,
     PlainCausalLMBackbone,
     encode_pairs,
+    generation_task,
     load_tokenizer,
 )
 from trap2.suites.lm_tasks import SPLITS, TASKS, task_rows
@@ -107,17 +106,7 @@ def build_suite(
     for name in tasks or TASKS:
         rows = task_rows(name, sizes, seed)
         splits = {s: encode_rows(rows[s], tok) for s in SPLITS}
-        built[name] = Task(
-            name,
-            len(tok),
-            splits["train"],
-            splits["val"],
-            splits["test"],
-            NextTokenHead(),
-            TASKS[name][1],
-            metric,
-            CrossEntropy(ignore_index=IGNORE),
-        )
+        built[name] = generation_task(name, tok, splits, TASKS[name][1], metric)
     return make_suite(
         name=NAME,
         tasks=built,

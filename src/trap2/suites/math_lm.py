@@ -39,13 +39,12 @@ from trap2.data.prepare import (
     weights_fingerprint,
 )
 from trap2.errors import DataError
-from trap2.suites.base import CrossEntropy, Split, Suite, Task
+from trap2.suites.base import Split, Suite
 from trap2.suites.causal_lm import (
-    IGNORE,
     CausalLMBackbone,
     ExactMatch,
-    NextTokenHead,
     encode_pairs,
+    generation_task,
     load_causal_lm,
     load_tokenizer,
 )
@@ -187,17 +186,7 @@ def build_suite(
     for name in prepared:
         tensors, meta = load_prepared(NAME, name, max_len, folder, "tok")
         splits = {s: Split(tensors[f"x_{s}"], tensors[f"y_{s}"]) for s in ("train", "val", "test")}
-        tasks[name] = Task(
-            name,
-            len(tok),
-            splits["train"],
-            splits["val"],
-            splits["test"],
-            NextTokenHead(),
-            meta["source"],
-            metric,
-            CrossEntropy(ignore_index=IGNORE),
-        )
+        tasks[name] = generation_task(name, tok, splits, meta["source"], metric)
     return make_suite(
         name=NAME,
         tasks=tasks,
