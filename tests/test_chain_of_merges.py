@@ -39,10 +39,13 @@ def test_one_layer_is_regmean():
 
 
 def _solve(inputs, weights):
-    """RegMean with α = 1 by hand: argmin_W Σ_i ‖X_i·Wᵀ − X_i·W_iᵀ‖² (W stored (out, in))."""
+    """RegMean with α = 1 by hand: argmin_W Σ_i ‖X_i·Wᵀ − X_i·W_iᵀ‖² (W stored (out, in)), with the
+    implementation's ridge of 1e-8 × the Gram's mean diagonal (it moves the answer by ~1e-6 relative,
+    more than float64's tolerance, and by a BLAS-dependent amount)."""
     gram = sum(x.T @ x for x in inputs)
     rhs = sum(x.T @ x @ w.T for x, w in zip(inputs, weights, strict=True))
-    return torch.linalg.solve(gram, rhs).T
+    ridge = 1e-8 * float(torch.diagonal(gram).mean())
+    return torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), rhs).T
 
 
 def test_two_layers_by_hand():
