@@ -120,6 +120,13 @@ def test_task_rows_are_right_distinct_and_in_gsm8k_format(name):
         assert value == _solve(name, r["question"])
 
 
+@pytest.mark.parametrize("name", list(lm_tasks.TASKS))
+def test_every_task_draws_the_suites_split_sizes(name):
+    rows = lm_tasks.task_rows(name, lm.SIZES, seed=0)
+    assert [len(rows[s]) for s in lm_tasks.SPLITS] == list(lm.SIZES)
+    assert len({r["question"] for part in rows.values() for r in part}) == sum(lm.SIZES)
+
+
 def _solve(name: str, q: str) -> str:
     """An independent solver of each task's questions, from their wording."""
     words = q.rstrip("?.").split()
