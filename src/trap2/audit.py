@@ -49,8 +49,10 @@ def run_audit(
 
     The pool: ``adapters`` ({task: update folder}, e.g. the adapters named by ``trap2 audit --base``) and
     ``pool`` (update folders that record their task); a task with neither gets an unprotected update
-    trained on its data (cached under ``out/updates``). Every given update is checked against the base
-    (names, shapes, recorded fingerprint) before anything is trained or written."""
+    trained on its data (cached under ``out/updates``). Finished attack cells and grid points are kept
+    under ``out/cells``, so an audit run again resumes (``fresh``: retrain and recompute everything).
+    Every given update is checked against the base (names, shapes, recorded fingerprint) before
+    anything is trained or written."""
     t0 = time.perf_counter()
     reporter = reporter or LogReporter()
     out = Path(out)
@@ -87,4 +89,4 @@ def run_audit(
         "audited_meta": audited.meta,
         "pool": {t: ("given" if t in given else "trained") for t in tasks},
     }
-    return evaluate_protection(suite, target, updates, audited, cfg, out, reporter, t0, extra)
+    return evaluate_protection(suite, target, updates, audited, cfg, out, reporter, t0, extra, fresh=fresh)

@@ -32,7 +32,7 @@ from trap2.eval.report import pct, provenance
 from trap2.eval.threats import threats_lines
 from trap2.io import write_json, write_text
 from trap2.pipeline import CURVE_SCALES, DemoConfig, evaluate_protection, trained_pool
-from trap2.progress import LogReporter, Reporter
+from trap2.progress import LogReporter, Reporter, note
 from trap2.suites import get_suite
 from trap2.suites.base import Suite
 from trap2.updates import Update, load_update
@@ -172,14 +172,14 @@ def run_bench(
             key = _cell_key(suite, demo, given)
             done = _finished(folder, key)
             if done is not None and not fresh:
-                reporter_note(reporter, f"{mode} / {target}: finished earlier, reused")
+                note(reporter, f"{mode} / {target}: finished earlier, reused")
                 cells.append(_summary(mode, done))
                 continue
             updates, protected = trained_pool(suite, target, demo.train, cache, fresh, reporter, given)
             pool = {t: ("given" if t in given else "trained") for t in suite.task_names}
             report = evaluate_protection(
                 suite, target, updates, protected, demo, folder, reporter, time.perf_counter(),
-                {"bench_key": key, "mode": mode, "pool": pool},
+                {"bench_key": key, "mode": mode, "pool": pool}, fresh=fresh,
             )  # fmt: skip
             cells.append(_summary(mode, report))
     summary = {
@@ -196,11 +196,6 @@ def run_bench(
     write_json(out / "bench.json", summary)
     write_text(out / "bench.md", bench_markdown(summary))
     return summary
-
-
-def reporter_note(reporter: Reporter, text: str) -> None:
-    with reporter.stage(text, 1) as advance:
-        advance(1)
 
 
 def _finished(folder: Path, key: str) -> dict[str, Any] | None:

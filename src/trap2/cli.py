@@ -252,7 +252,10 @@ def demo(
     objective: dict[str, Any] | None = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     device: DeviceOpt = None,
-    fresh: Annotated[bool, typer.Option("--fresh", help="retrain instead of reusing cached updates")] = False,
+    fresh: Annotated[
+        bool,
+        typer.Option("--fresh", help="retrain and recompute instead of reusing cached updates and cells"),
+    ] = False,
     config: ConfigOpt = None,
     threads: Threads = 0,
     threats: ThreatsOpt = None,
@@ -362,7 +365,7 @@ def audit(
     batch_size: BatchOpt = 64,
     max_len: MaxLenOpt = 128,
     fresh: Annotated[
-        bool, typer.Option("--fresh", help="retrain the pool instead of reusing the cache")
+        bool, typer.Option("--fresh", help="retrain the pool and recompute every cell instead of resuming")
     ] = False,
     config: ConfigOpt = None,
     threads: Threads = 0,

@@ -111,6 +111,7 @@ def run_demo(
     cache = out / "updates"
     plain = cfg.train.plain()
     given = {} if fresh else shipped_pool(suite, target, plain)
+    recompute = fresh  # the attack records too (``fresh`` is spent on the trainings below)
     pool_ = worker_pool(workers)
     try:
         if pool_ is not None:
@@ -126,7 +127,9 @@ def run_demo(
         pool = {t: ("shipped" if t in given else "trained") for t in suite.task_names}
         # reporter.stages is filled as the stages end, before the report is written
         extra = {"kind": "demo", "pool": pool, "workers": workers, "stages": reporter.stages}
-        return evaluate_protection(suite, target, updates, protected, cfg, out, reporter, t0, extra, pool_)
+        return evaluate_protection(
+            suite, target, updates, protected, cfg, out, reporter, t0, extra, pool_, fresh=recompute
+        )
     finally:
         if pool_ is not None:
             pool_.shutdown()

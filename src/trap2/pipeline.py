@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +22,22 @@ import torch
 
 from trap2.attacks import DATA_METHODS, SEARCHES, TA_SEARCHES, EvalContext, attack_matrix, run_attack
 from trap2.attacks.context import resolve_device
+from trap2.attacks.search import PAPER_GRID
 from trap2.attacks.searches import SEARCH_REGISTRY
 from trap2.attacks.searches.base import per_task_method
 from trap2.config import ObjectiveConfig, TrainConfig, config_hash, help_field, to_dict
 from trap2.defenses import BASELINES, baseline_update
 from trap2.errors import ConfigError
+from trap2.eval.cells import CellStore, context_key, pool_key
 from trap2.eval.evaluate import accuracy, base_state, scaling_curve
 from trap2.eval.report import write_report
 from trap2.merging import SPACES, get_merge_method
-from trap2.progress import LogReporter, Reporter
+from trap2.progress import LogReporter, Reporter, note
 from trap2.suites.base import Suite
 from trap2.training import train_update
 from trap2.updates import Update, apply_delta, load_update
 
+CELLS = "cells"  # under the output folder: the finished records a stopped run resumes from
 CURVE_SCALES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
 
 
@@ -222,13 +226,16 @@ def _attack_pool(
     cfg: DemoConfig,
     pools: Mapping[bool, list[Update]],
     target_index: int,
-) -> list[dict[str, Any]]:
-    """One worker's share of the attack matrix: every cell on the pools given (a worker process)."""
+    cells_folder: str,
+) -> tuple[list[dict[str, Any]], int]:
+    """One worker's share of the attack matrix: every cell on the pools given (a worker process), and how
+    many of them were read from ``cells_folder``."""
     from trap2.suites import get_suite
 
     suite = get_suite(suite_name).subset(tasks)
     ctx = EvalContext(suite, normalisers, device=cfg.train.device)
-    return attack_matrix(ctx, pools, cfg.cells(), target_index, cfg.hparam_search)
+    store = CellStore(cells_folder)
+    return attack_matrix(ctx, pools, cfg.cells(), target_index, cfg.hparam_search, store=store), store.resumed
 
 
 def evaluate_protection(
@@ -242,29 +249,46 @@ def evaluate_protection(
     t0: float,
     extra: Mapping[str, Any] | None = None,
     executor: Executor | None = None,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Standalone accuracy, the target's scaling curve and the attack matrix of a protected update
     against the unprotected pool ``updates`` (one per task); writes the report to ``out``.
 
+    Every finished piece (the standalone numbers, each attack cell on each pool, each baseline cell, each
+    attacker-grid point and reference) is kept under ``out/cells`` (:mod:`trap2.eval.cells`), keyed by
+    the pool's content and the settings that make it: a stopped run, run again, computes only what is
+    missing and writes the same report. ``fresh``: those records are cleared first.
+
     ``executor`` (:func:`trap2.workers.worker_pool`): attack the two pools there, one job each (each
     worker rebuilds the suite from ``cfg.suite`` and ``suite.task_names``)."""
     tasks = suite.task_names
-    backbone = suite.make_backbone().to(resolve_device(cfg.train.device))  # evaluation runs where it is
+    device = resolve_device(cfg.train.device)
+    backbone = suite.make_backbone().to(device)  # evaluation runs where it is
     w0 = base_state(backbone)
-    dense = {t: u.dense() for t, u in updates.items()}
-    prot_dense = protected.dense()
     for name, u in [*updates.items(), ("protected", protected)]:
         u.check_base(w0, suite.fingerprint, where=f"update {name}")
+    store = CellStore(out / CELLS, fresh)
 
     def acc_at(delta: Mapping[str, torch.Tensor], task: str, split: str, c: float = 1.0) -> float:
         return accuracy(backbone, suite.task(task), split, apply_delta(w0, delta, c))
 
-    zero_shot = _mean({t: accuracy(backbone, suite.task(t), "test") for t in tasks})
-    standalone = _mean({t: acc_at(dense[t], t, "test") for t in tasks})
-    ft_val = {t: acc_at(dense[t], t, "val") for t in tasks}
-    prot_test = acc_at(prot_dense, target, "test")
-    curve_plain = scaling_curve(backbone, suite.task(target), dense[target], cfg.scales)
-    curve_prot = scaling_curve(backbone, suite.task(target), prot_dense, cfg.scales)
+    def standalone() -> dict[str, Any]:
+        dense = {t: u.dense() for t, u in updates.items()}
+        prot_dense = protected.dense()
+        return {
+            "zero_shot": _mean({t: accuracy(backbone, suite.task(t), "test") for t in tasks}),
+            "unprotected": _mean({t: acc_at(dense[t], t, "test") for t in tasks}),
+            "ft_val": {t: acc_at(dense[t], t, "val") for t in tasks},
+            "protected": acc_at(prot_dense, target, "test"),
+            "curve_unprotected": scaling_curve(backbone, suite.task(target), dense[target], cfg.scales),
+            "curve_protected": scaling_curve(backbone, suite.task(target), prot_dense, cfg.scales),
+        }
+
+    key = {"kind": "standalone", "suite": suite.name, "fingerprint": suite.fingerprint, "tasks": tasks}
+    key |= {"device": str(device), "pool": pool_key([updates[t] for t in tasks]), "target": target}
+    key |= {"protected": pool_key([protected]), "scales": list(cfg.scales)}
+    first, _ = store.run(key, standalone)
+    ft_val = first["ft_val"]
 
     ctx = EvalContext(suite, ft_val, device=cfg.train.device)
     pools = {
@@ -276,13 +300,19 @@ def evaluate_protection(
         if executor is not None:
             from trap2.workers import run_parallel
 
-            jobs = [(cfg.suite, tuple(tasks), ft_val, cfg, {p: pools[p]}, tasks.index(target)) for p in pools]
+            jobs = [
+                (cfg.suite, tuple(tasks), ft_val, cfg, {p: pools[p]}, tasks.index(target), str(store.folder))
+                for p in pools
+            ]
             done = run_parallel(_attack_pool, jobs, executor, lambda _i: advance(len(cells)))
-            by_pool = dict(zip(pools, done, strict=True))
+            by_pool = {p: records for p, (records, _) in zip(pools, done, strict=True)}
             attacks = [by_pool[p][i] for i in range(len(cells)) for p in pools]
+            resumed = sum(n for _, n in done)
+            store.resumed += resumed
+            store.computed += len(attacks) - resumed
         else:
             attacks = attack_matrix(
-                ctx, pools, cells, tasks.index(target), cfg.hparam_search, lambda _r: advance(1)
+                ctx, pools, cells, tasks.index(target), cfg.hparam_search, lambda _r: advance(1), store
             )
 
     baselines = []
@@ -294,9 +324,16 @@ def evaluate_protection(
                 w0_cpu = {n: t.cpu() for n, t in w0.items()}  # the defenses work on the CPU copies
                 defended = baseline_update(suite, updates[target], name, w0_cpu)
                 pool = [defended if t == target else updates[t] for t in tasks]
+                base = {"kind": "baseline", **context_key(ctx), "pool": pool_key(pool), "defense": name}
+                base |= {"protected_index": i, "hparam_search": cfg.hparam_search, "grid": list(PAPER_GRID)}
                 for method, space, search in b_cells:
-                    rec = run_attack(ctx, pool, method, space, search, i, hparam_search=cfg.hparam_search)
-                    baselines.append({**rec, "defense": name})
+                    key = {**base, "method": method, "space": space, "search": search}
+                    attack = partial(
+                        run_attack, ctx, pool, method, space, search, i, hparam_search=cfg.hparam_search
+                    )
+                    rec, _ = store.run(key, attack)
+                    rec["defense"] = name
+                    baselines.append(rec)
                     advance(1)
 
     threats = None
@@ -306,16 +343,24 @@ def evaluate_protection(
         grid = get_grid(cfg.threats)
         n = len(grid.attacks) * len(grid.points())
         with reporter.stage(f"threats: attacker grid ({cfg.threats})", n) as advance:
-            threats = run_grid(ctx, pools, tasks.index(target), grid, cfg.threats, lambda _a, _p: advance(1))
+            threats = run_grid(
+                ctx, pools, tasks.index(target), grid, cfg.threats, lambda _a, _p: advance(1), store
+            )
+    if store.resumed:
+        note(reporter, store.summary())
 
     report = {
         "suite": suite.name,
         "target": target,
         "tasks": tasks,
         "seed": cfg.train.seed,
-        "zero_shot": zero_shot,
-        "standalone": {"unprotected": standalone, "protected": {target: prot_test}},
-        "scaling_curve": {"s": list(cfg.scales), "unprotected": curve_plain, "protected": curve_prot},
+        "zero_shot": first["zero_shot"],
+        "standalone": {"unprotected": first["unprotected"], "protected": {target: first["protected"]}},
+        "scaling_curve": {
+            "s": list(cfg.scales),
+            "unprotected": first["curve_unprotected"],
+            "protected": first["curve_protected"],
+        },
         "attacks": attacks,
         **({"baselines": baselines} if baselines else {}),
         **({"threats": threats} if threats is not None else {}),

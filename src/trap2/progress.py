@@ -18,6 +18,12 @@ class Reporter(Protocol):
     def stage(self, description: str, total: int) -> contextlib.AbstractContextManager[Advance]: ...
 
 
+def note(reporter: Reporter, text: str) -> None:
+    """One line through ``reporter``: a stage of one step, done at once."""
+    with reporter.stage(text, 1) as advance:
+        advance(1)
+
+
 class LogReporter:
     """Default: one log line per stage, no drawing."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from trap2.attacks.context import EvalContext
@@ -25,6 +26,7 @@ from trap2.attacks.searches import (
     restore_member,
 )
 from trap2.errors import ConfigError
+from trap2.eval.cells import CellStore, context_key, pool_key
 from trap2.updates import Update
 
 __all__ = [
@@ -85,12 +87,24 @@ def attack_matrix(
     protected_index: int | None = None,
     hparam_search: bool = False,
     on_cell: Callable[[dict[str, Any]], None] | None = None,
+    store: CellStore | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every (method, space, search) cell on each pool ({protected: pool}); same budget for both."""
+    """Run every (method, space, search) cell on each pool ({protected: pool}); same budget for both.
+
+    ``store``: finished cells are read from it and new ones written to it (a stopped run resumes)."""
+    store = store or CellStore()
+    base = {"kind": "attack", **context_key(ctx), "protected_index": protected_index}
+    base |= {"hparam_search": hparam_search, "grid": list(PAPER_GRID)}
+    members = {p: pool_key(pool) for p, pool in pools.items()}
     out = []
     for method, space, search in cells:
         for is_protected, pool in pools.items():
-            rec = run_attack(ctx, pool, method, space, search, protected_index, hparam_search=hparam_search)
+            key = {**base, "pool": members[is_protected], "protected": is_protected}
+            key |= {"method": method, "space": space, "search": search}
+            attack = partial(
+                run_attack, ctx, pool, method, space, search, protected_index, hparam_search=hparam_search
+            )
+            rec, _ = store.run(key, attack)
             rec["protected"] = is_protected
             out.append(rec)
             if on_cell:
