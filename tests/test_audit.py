@@ -82,3 +82,29 @@ def test_audit_merges_the_pool_the_config_names(released, tmp_path):
     assert report["tasks"] == ["rot90", "flip", "invert"]
     assert report["pool"] == {"rot90": "trained", "flip": "given", "invert": "trained"}
     assert all(set(a["acc"]) == {"rot90", "flip", "invert", "mean"} for a in report["attacks"])
+
+
+def test_audit_run_again_resumes_from_its_finished_cells(released, tmp_path, monkeypatch):
+    """The second run reads every attack cell from ``out/cells`` and writes the same report; ``fresh``
+    recomputes them."""
+    cfg = DemoConfig(
+        train=FAST,
+        tasks=("rot90", "flip", "invert"),
+        methods=("ta",),
+        spaces=("full",),
+        extra_searches=(),
+        scales=(1.0,),
+    )
+    first = run_audit(released / "prot", cfg, tmp_path, pool=[released / "flip"])
+    assert len(list((tmp_path / "cells").glob("attack-*.json"))) == 2
+
+    def killed(*_args, **_kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr("trap2.attacks.merge_attack.run_attack", killed)
+    again = run_audit(released / "prot", cfg, tmp_path, pool=[released / "flip"])
+    assert {k: v for k, v in again.items() if k != "wall_seconds"} == {
+        k: v for k, v in first.items() if k != "wall_seconds"
+    }
+    with pytest.raises(AssertionError, match="recomputed"):
+        run_audit(released / "prot", cfg, tmp_path, pool=[released / "flip"], fresh=True)
