@@ -3,7 +3,11 @@
 
 The questions are short English prompts; the pretraining mixture holds the same operations only in
 compact symbolic form (``347+582=929``, ``rev(abc)=cba``), never this format, so a task's zero-shot exact
-match is near 0 and its fine-tuning teaches the format and the skill's wording.
+match is near 0 and its fine-tuning teaches the format and the skill's wording. As in GSM8K, an
+arithmetic answer carries its worked step before the final value (``745+195=940 #### 940``, GSM8K's
+``<<745+195=940>>`` without the brackets): the adapter learns to turn the wording into the equation, and
+the backbone's pretrained arithmetic computes it. (Without the step, a 300-step LoRA learns the format and
+the answer's size but not the sum: 0.5 % exact match on ``add``.) The string tasks answer directly.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 from trap2.errors import ConfigError
 from trap2.io import atomic_path
 
-Generator = Callable[[np.random.Generator], tuple[str, str]]
+Generator = Callable[[np.random.Generator], tuple[str, str, str]]  # rng -> (question, work, value)
 NAMES = ("Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Ivy", "Jo", "Kim")
 THINGS = ("apples", "pens", "books", "coins", "cards", "eggs", "cups", "hats")
 
@@ -35,40 +39,40 @@ def _letters(rng: np.random.Generator, lo: int, hi: int, distinct: bool = False)
 
 def add(rng: np.random.Generator) -> tuple[str, str]:
     a, b = _int(rng, 100, 999), _int(rng, 100, 999)
-    return f"What is {a} plus {b}?", str(a + b)
+    return f"What is {a} plus {b}?", f"{a}+{b}={a + b}", str(a + b)
 
 
 def subtract(rng: np.random.Generator) -> tuple[str, str]:
     a, b = sorted((_int(rng, 100, 999), _int(rng, 100, 999)), reverse=True)
-    return f"What is {a} minus {b}?", str(a - b)
+    return f"What is {a} minus {b}?", f"{a}-{b}={a - b}", str(a - b)
 
 
 def multiply(rng: np.random.Generator) -> tuple[str, str]:
     a, b = _int(rng, 10, 299), _int(rng, 2, 9)  # 2,320 questions: the suite draws 1,250 distinct
-    return f"What is {a} times {b}?", str(a * b)
+    return f"What is {a} times {b}?", f"{a}*{b}={a * b}", str(a * b)
 
 
 def modulo(rng: np.random.Generator) -> tuple[str, str]:
     a, b = _int(rng, 10, 999), _int(rng, 3, 9)
-    return f"What is the remainder of {a} divided by {b}?", str(a % b)
+    return f"What is the remainder of {a} divided by {b}?", f"{a}%{b}={a % b}", str(a % b)
 
 
 def word_problem(rng: np.random.Generator) -> tuple[str, str]:
     name, thing = NAMES[_int(rng, 0, len(NAMES) - 1)], THINGS[_int(rng, 0, len(THINGS) - 1)]
     a, b = _int(rng, 20, 99), _int(rng, 2, 19)
     if rng.random() < 0.5:
-        return f"{name} has {a} {thing} and gets {b} more. How many now?", str(a + b)
-    return f"{name} has {a} {thing} and gives {b} away. How many now?", str(a - b)
+        return f"{name} has {a} {thing} and gets {b} more. How many now?", f"{a}+{b}={a + b}", str(a + b)
+    return f"{name} has {a} {thing} and gives {b} away. How many now?", f"{a}-{b}={a - b}", str(a - b)
 
 
 def reverse(rng: np.random.Generator) -> tuple[str, str]:
     w = _letters(rng, 4, 6)
-    return f"Write {w} backwards.", w[::-1]
+    return f"Write {w} backwards.", "", w[::-1]
 
 
 def sort_letters(rng: np.random.Generator) -> tuple[str, str]:
     w = _letters(rng, 4, 6, distinct=True)
-    return f"Put the letters of {w} in order.", "".join(sorted(w))
+    return f"Put the letters of {w} in order.", "", "".join(sorted(w))
 
 
 # name: (generator, description)
@@ -84,8 +88,9 @@ TASKS: dict[str, tuple[Generator, str]] = {
 SPLITS = ("train", "val", "test")
 
 
-def answer_text(value: str) -> str:
-    return f"#### {value}"
+def answer_text(value: str, work: str = "") -> str:
+    """GSM8K's answer: the worked step (if any), then ``#### <value>``."""
+    return f"{work} #### {value}" if work else f"#### {value}"
 
 
 def task_rows(name: str, sizes: tuple[int, int, int], seed: int) -> dict[str, list[dict[str, str]]]:
@@ -98,13 +103,13 @@ def task_rows(name: str, sizes: tuple[int, int, int], seed: int) -> dict[str, li
     rows: list[dict[str, str]] = []
     tries = 0
     while len(rows) < sum(sizes):
-        question, value = gen(rng)
+        question, work, value = gen(rng)
         tries += 1
         if tries > 50 * sum(sizes):
             raise ConfigError(f"lm task {name!r}: cannot draw {sum(sizes)} distinct questions")
         if question not in seen:
             seen.add(question)
-            rows.append({"question": question, "answer": answer_text(value)})
+            rows.append({"question": question, "answer": answer_text(value, work)})
     a, b = sizes[0], sizes[0] + sizes[1]
     return {"train": rows[:a], "val": rows[a:b], "test": rows[b:]}
 
