@@ -1,13 +1,13 @@
 """The ``lm`` suite's generation tasks, as GSM8K-format rows (``question``; ``answer`` ending in
-``#### <value>``), drawn from a seeded generator: each task is a function ``rng -> (question, value)``.
+``#### <value>``), drawn from a seeded generator: each task is a function ``rng -> (question, work, value)``.
 
 The questions are short English prompts; the pretraining mixture holds the same operations only in
 compact symbolic form (``347+582=929``, ``rev(abc)=cba``), never this format, so a task's zero-shot exact
 match is near 0 and its fine-tuning teaches the format and the skill's wording. As in GSM8K, an
-arithmetic answer carries its worked step before the final value (``745+195=940 #### 940``, GSM8K's
-``<<745+195=940>>`` without the brackets): the adapter learns to turn the wording into the equation, and
-the backbone's pretrained arithmetic computes it. (Without the step, a 300-step LoRA learns the format and
-the answer's size but not the sum: 0.5 % exact match on ``add``.) The string tasks answer directly.
+arithmetic answer carries its worked step on a line before the final value (``745+195=940\n#### 940``,
+GSM8K's ``<<745+195=940>>`` without the brackets): the adapter learns to turn the wording into the
+equation, and the backbone's pretrained arithmetic (which saw equations only at the start of a line)
+computes it. The string tasks answer directly. docs/suites.md has the formats that did not train.
 """
 
 from __future__ import annotations
@@ -37,27 +37,27 @@ def _letters(rng: np.random.Generator, lo: int, hi: int, distinct: bool = False)
     return "".join(rng.choice(list(string.ascii_lowercase), n, replace=not distinct))
 
 
-def add(rng: np.random.Generator) -> tuple[str, str]:
+def add(rng: np.random.Generator) -> tuple[str, str, str]:
     a, b = _int(rng, 100, 999), _int(rng, 100, 999)
     return f"What is {a} plus {b}?", f"{a}+{b}={a + b}", str(a + b)
 
 
-def subtract(rng: np.random.Generator) -> tuple[str, str]:
-    a, b = sorted((_int(rng, 100, 999), _int(rng, 100, 999)), reverse=True)
-    return f"What is {a} minus {b}?", f"{a}-{b}={a - b}", str(a - b)
+def double(rng: np.random.Generator) -> tuple[str, str, str]:
+    a = _int(rng, 100, 2999)
+    return f"What is twice {a}?", f"{a}+{a}={2 * a}", str(2 * a)
 
 
-def multiply(rng: np.random.Generator) -> tuple[str, str]:
+def multiply(rng: np.random.Generator) -> tuple[str, str, str]:
     a, b = _int(rng, 10, 299), _int(rng, 2, 9)  # 2,320 questions: the suite draws 1,250 distinct
     return f"What is {a} times {b}?", f"{a}*{b}={a * b}", str(a * b)
 
 
-def modulo(rng: np.random.Generator) -> tuple[str, str]:
-    a, b = _int(rng, 10, 999), _int(rng, 3, 9)
-    return f"What is the remainder of {a} divided by {b}?", f"{a}%{b}={a % b}", str(a % b)
+def successor(rng: np.random.Generator) -> tuple[str, str, str]:
+    a = _int(rng, 100, 9998)
+    return f"What number comes after {a}?", f"{a}+1={a + 1}", str(a + 1)
 
 
-def word_problem(rng: np.random.Generator) -> tuple[str, str]:
+def word_problem(rng: np.random.Generator) -> tuple[str, str, str]:
     name, thing = NAMES[_int(rng, 0, len(NAMES) - 1)], THINGS[_int(rng, 0, len(THINGS) - 1)]
     a, b = _int(rng, 20, 99), _int(rng, 2, 19)
     if rng.random() < 0.5:
@@ -65,12 +65,12 @@ def word_problem(rng: np.random.Generator) -> tuple[str, str]:
     return f"{name} has {a} {thing} and gives {b} away. How many now?", f"{a}-{b}={a - b}", str(a - b)
 
 
-def reverse(rng: np.random.Generator) -> tuple[str, str]:
+def reverse(rng: np.random.Generator) -> tuple[str, str, str]:
     w = _letters(rng, 4, 6)
     return f"Write {w} backwards.", "", w[::-1]
 
 
-def sort_letters(rng: np.random.Generator) -> tuple[str, str]:
+def sort_letters(rng: np.random.Generator) -> tuple[str, str, str]:
     w = _letters(rng, 4, 6, distinct=True)
     return f"Put the letters of {w} in order.", "", "".join(sorted(w))
 
@@ -78,9 +78,9 @@ def sort_letters(rng: np.random.Generator) -> tuple[str, str]:
 # name: (generator, description)
 TASKS: dict[str, tuple[Generator, str]] = {
     "add": (add, "sum of two 3-digit numbers"),
-    "subtract": (subtract, "difference of two 3-digit numbers (non-negative)"),
+    "double": (double, "twice a number from 100 to 2999"),
     "multiply": (multiply, "a number from 10 to 299 times a 1-digit number"),
-    "modulo": (modulo, "remainder of a 2-3 digit number divided by 3-9"),
+    "next": (successor, "the number after a 3-4 digit number"),
     "word": (word_problem, "one-step word problems: gets more / gives away"),
     "reverse": (reverse, "a 4-6 letter random string backwards"),
     "sort": (sort_letters, "the distinct letters of a 4-6 letter string in alphabetical order"),
@@ -90,7 +90,7 @@ SPLITS = ("train", "val", "test")
 
 def answer_text(value: str, work: str = "") -> str:
     """GSM8K's answer: the worked step (if any), then ``#### <value>``."""
-    return f"{work} #### {value}" if work else f"#### {value}"
+    return f"{work}\n#### {value}" if work else f"#### {value}"
 
 
 def task_rows(name: str, sizes: tuple[int, int, int], seed: int) -> dict[str, list[dict[str, str]]]:
