@@ -8,7 +8,7 @@ English BIG-bench text (``scripts/pretrain_lm.py``; the command, seed, steps and
 so PEFT, the Trainer path, mergekit and every attack take it as they take any causal LM.
 
 The tasks (:mod:`trap2.suites.lm_tasks`) are GSM8K-format rows drawn with a fixed seed; each example is
-``Question: {question}\\nAnswer:`` + ``\\n<work>\\n#### <value>`` + EOS (the ``math`` suite's prompt), the
+``Question: {question}\\nAnswer:`` + `` <work> #### <value>`` + EOS (the ``math`` suite's prompt), the
 loss on the answer tokens only, the score exact match of the final answer (:func:`~trap2.suites.math_lm.final_answer`:
 the number, or the short text, after ``####``) in the greedy generation. Parameter
 names are the transformers model's own (``model.layers.0.self_attn.q_proj.weight``), so an adapter
@@ -42,7 +42,7 @@ from trap2.suites.math_lm import PROMPT, final_answer
 NAME = "lm"
 ASSET_DIR = Path(str(resources.files("trap2.suites") / "assets" / "lm"))
 MAX_LEN = 96
-MAX_NEW_TOKENS = 26  # the longest answer, "\n2999+2999=5998\n#### 5998" (25 characters), + EOS
+MAX_NEW_TOKENS = 26  # the longest answer, " 2999+2999=5998 #### 5998" (25 characters), + EOS
 SIZES = (1000, 50, 200)  # train / val / test per task; the attacker's search scores val at every grid point
 DATA_SEED = 20261130
 EVAL_BATCH = 100
@@ -87,9 +87,8 @@ def load_backbone(path: str | os.PathLike[str] | None = None) -> PlainCausalLMBa
 
 
 def encode_rows(rows: Sequence[dict[str, str]], tok, max_len: int = MAX_LEN) -> Split:
-    """GSM8K rows → a Split: ``PROMPT`` + newline + answer + EOS (see :func:`encode_pairs`); the answer
-    starts a line, as the pretraining's equations do."""
-    pairs = [(PROMPT.format(question=r["question"]), "\n" + r["answer"]) for r in rows]
+    """GSM8K rows → a Split: ``PROMPT`` + " " + answer + EOS (see :func:`encode_pairs`)."""
+    pairs = [(PROMPT.format(question=r["question"]), " " + r["answer"]) for r in rows]
     x, y = encode_pairs(pairs, tok, max_len, truncate=False)
     return Split(x, y)
 

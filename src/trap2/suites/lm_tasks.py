@@ -4,10 +4,10 @@
 The questions are short English prompts; the pretraining mixture holds the same operations only in
 compact symbolic form (``347+582=929``, ``rev(abc)=cba``), never this format, so a task's zero-shot exact
 match is near 0 and its fine-tuning teaches the format and the skill's wording. As in GSM8K, an
-arithmetic answer carries its worked step on a line before the final value (``745+195=940\n#### 940``,
-GSM8K's ``<<745+195=940>>`` without the brackets): the adapter learns to turn the wording into the
-equation, and the backbone's pretrained arithmetic (which saw equations only at the start of a line)
-computes it. The string tasks answer directly. docs/suites.md has the formats that did not train.
+arithmetic answer carries its worked step before the final value (``745+195=940 #### 940``, GSM8K's
+``<<745+195=940>>`` without the brackets): the adapter learns to turn the wording into the equation, and
+the backbone's pretrained arithmetic computes it. The string tasks answer directly. docs/suites.md has
+the formats and tasks that did not train.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from trap2.errors import ConfigError
 from trap2.io import atomic_path
 
 Generator = Callable[[np.random.Generator], tuple[str, str, str]]  # rng -> (question, work, value)
-NAMES = ("Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Ivy", "Jo", "Kim")
-THINGS = ("apples", "pens", "books", "coins", "cards", "eggs", "cups", "hats")
 
 
 def _int(rng: np.random.Generator, lo: int, hi: int) -> int:
@@ -57,14 +55,6 @@ def successor(rng: np.random.Generator) -> tuple[str, str, str]:
     return f"What number comes after {a}?", f"{a}+1={a + 1}", str(a + 1)
 
 
-def word_problem(rng: np.random.Generator) -> tuple[str, str, str]:
-    name, thing = NAMES[_int(rng, 0, len(NAMES) - 1)], THINGS[_int(rng, 0, len(THINGS) - 1)]
-    a, b = _int(rng, 20, 99), _int(rng, 2, 19)
-    if rng.random() < 0.5:
-        return f"{name} has {a} {thing} and gets {b} more. How many now?", f"{a}+{b}={a + b}", str(a + b)
-    return f"{name} has {a} {thing} and gives {b} away. How many now?", f"{a}-{b}={a - b}", str(a - b)
-
-
 def reverse(rng: np.random.Generator) -> tuple[str, str, str]:
     w = _letters(rng, 4, 6)
     return f"Write {w} backwards.", "", w[::-1]
@@ -81,7 +71,6 @@ TASKS: dict[str, tuple[Generator, str]] = {
     "double": (double, "twice a number from 100 to 2999"),
     "multiply": (multiply, "a number from 10 to 299 times a 1-digit number"),
     "next": (successor, "the number after a 3-4 digit number"),
-    "word": (word_problem, "one-step word problems: gets more / gives away"),
     "reverse": (reverse, "a 4-6 letter random string backwards"),
     "sort": (sort_letters, "the distinct letters of a 4-6 letter string in alphabetical order"),
 }
@@ -90,7 +79,7 @@ SPLITS = ("train", "val", "test")
 
 def answer_text(value: str, work: str = "") -> str:
     """GSM8K's answer: the worked step (if any), then ``#### <value>``."""
-    return f"{work}\n#### {value}" if work else f"#### {value}"
+    return f"{work} #### {value}" if work else f"#### {value}"
 
 
 def task_rows(name: str, sizes: tuple[int, int, int], seed: int) -> dict[str, list[dict[str, str]]]:
