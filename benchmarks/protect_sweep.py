@@ -36,12 +36,13 @@ from trap2.io import write_json
 from trap2.objectives.base import StepStats
 from trap2.objectives.self_distill import SelfDistillObjective
 from trap2.objectives.trap2 import bounded, disruption, feature_tap, sample_scales, scale_weight
+from trap2.pipeline import DemoConfig, update_cache_folder
 from trap2.protect import ProtectConfig, _agreement, prepare_protect
 from trap2.suites import get_suite
 from trap2.training.loop import _release, _setup, _step
 from trap2.updates import LowRank, Update, load_update
 
-ORIG = "runs/demo/updates/digits-rot90-lora-none-2590a3224090"
+DEMO_CACHE = Path("runs/demo/updates")  # the demo's cached plain rot90 LoRA is the default original
 CURVE_S = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0]
 
 
@@ -206,12 +207,12 @@ def run_one(suite, orig, sp, plain_s):
 def main():
     torch.set_num_threads(int(os.environ.get("THREADS", 2)))
     args = sys.argv[1:]
-    orig_path = ORIG
+    t_start = time.perf_counter()
+    suite = get_suite("digits")
+    orig_path = str(update_cache_folder(suite, "rot90", DemoConfig().train.plain(), DEMO_CACHE))
     if args[:1] == ["--original"]:
         orig_path, args = args[1], args[2:]
     out, specs = args[0], args[1:]
-    t_start = time.perf_counter()
-    suite = get_suite("digits")
     orig = load_update(orig_path)
     plain_s = plain_step_seconds(suite)
     print(f"plain step {1000 * plain_s:.2f} ms; 0.3x budget = {0.3 * 600 * plain_s:.2f} s", flush=True)

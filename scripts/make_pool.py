@@ -6,8 +6,8 @@ Trains every task's plain update but the suite's default target with the demo's 
 (``DemoConfig().train.plain()``: seed, steps, lr ... as ``trap2 demo`` uses them; two worker processes of
 one thread each) and writes each, its LoRA factors stored as float16 (~45 KB), as a PEFT adapter folder
 ``src/trap2/suites/assets/pool/<suite>/<task>/``. Each records the demo's cache key of its config
-(``cache_key``), the seed and this command: the demo takes a shipped update only when its own plain
-config has the same key, and retrains otherwise (or with ``--fresh``).
+and its task's data (``cache_key``), the seed and this command: the demo takes a shipped update only when
+its own plain config and the suite's data give the same key, and retrains otherwise (or with ``--fresh``).
 """
 
 from __future__ import annotations

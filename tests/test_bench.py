@@ -15,6 +15,7 @@ from trap2.cli import app
 from trap2.config import ObjectiveConfig, TrainConfig
 from trap2.errors import ConfigError
 from trap2.pipeline import DemoConfig, trained_update
+from trap2.suites import Split
 
 FAST = dict(steps=20, eval_every=20)
 
@@ -157,3 +158,9 @@ def test_a_task_subset_is_the_pool_and_cells_are_keyed_by_their_pool(digits):
     assert _cell_key(grown, demo) != _cell_key(digits, demo)
     sub = BenchConfig(tasks=("flip", "rot90")).demo_config(digits, "lora", "rot90")
     assert sub.tasks == ("flip", "rot90") and _cell_key(small, sub) != _cell_key(digits, demo)
+    # ... and by the tasks' training data: a regenerated dataset redoes it
+    flip = digits.task("flip")
+    relabelled = dataclasses.replace(flip, train=Split(flip.train.x, flip.train.y.roll(1)))
+    changed = dataclasses.replace(digits, tasks={**digits.tasks, "flip": relabelled})
+    assert _cell_key(changed, demo) != _cell_key(digits, demo)
+    assert _cell_key(dataclasses.replace(digits, tasks=dict(digits.tasks)), demo) == _cell_key(digits, demo)

@@ -11,13 +11,16 @@ from trap2.config import ObjectiveConfig, TrainConfig
 from trap2.demo import POOL_ASSETS, run_demo, shipped_pool
 from trap2.eval.evaluate import accuracy, base_state
 from trap2.pipeline import DemoConfig, update_cache_key
-from trap2.suites import get_suite
+from trap2.suites import Split, get_suite
 from trap2.updates import LowRank, apply_delta
 
 
 def test_shipped_pool_is_small_and_used_only_for_the_config_it_was_trained_with():
+    from trap2.cli import _demo_config
+
     suite = get_suite("digits")
     plain = DemoConfig().train.plain()
+    assert _demo_config(None).train.plain() == plain  # the README's `trap2 demo --out runs/demo`
     files = [p for p in (POOL_ASSETS / "digits").rglob("*") if p.is_file()]
     assert 0 < sum(p.stat().st_size for p in files) < 400_000
     pool = shipped_pool(suite, "rot90", plain)
@@ -30,6 +33,13 @@ def test_shipped_pool_is_small_and_used_only_for_the_config_it_was_trained_with(
     assert "flip" not in shipped_pool(suite, "flip", plain)  # the target is always trained
     assert shipped_pool(suite, "rot90", dataclasses.replace(plain, steps=plain.steps - 1)) == {}
     assert shipped_pool(suite, "rot90", dataclasses.replace(plain, seed=plain.seed + 1)) == {}
+    # a task whose training data changed trains its own update; the others are still shipped
+    flip = suite.task("flip")
+    x = flip.train.x.clone()
+    x[0, 0, 0] = 1.0 - x[0, 0, 0]  # one pixel of one training image
+    edited = dataclasses.replace(flip, train=Split(x, flip.train.y))
+    changed = shipped_pool(dataclasses.replace(suite, tasks={**suite.tasks, "flip": edited}), "rot90", plain)
+    assert sorted(changed) == sorted(t for t in pool if t != "flip")
     # each is the trained update: float16 storage keeps its recorded validation accuracy (float32, at
     # training time) within 1 pp, and fine-tuning shows where zero-shot is weak
     backbone = suite.make_backbone()

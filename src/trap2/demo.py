@@ -1,7 +1,8 @@
 """``trap2 demo``, the main job on a suite: train every task's unprotected update and a protected one
 for a target, then measure standalone accuracy, the target's scaling curve, and merged accuracy with
-and without protection (coefficient searched on validation data). Trained updates are cached by config.
-The work is :mod:`trap2.pipeline`'s; this module runs it on a suite and renders the terminal summary.
+and without protection (coefficient searched on validation data). Trained updates are cached by config
+and data. The work is :mod:`trap2.pipeline`'s; this module runs it on a suite and renders the terminal
+summary.
 
 The pool's other plain updates ship with the package where a suite has them
 (``suites/assets/pool/<suite>/<task>``, made by ``scripts/make_pool.py``): each records the cache key of

@@ -152,9 +152,15 @@ class DemoConfig:
 
 
 def update_cache_key(suite: Suite, task: str, cfg: TrainConfig) -> str:
-    """The cache key of ``task``'s update under ``cfg`` on ``suite`` (the suite, its backbone, the config)."""
+    """The cache key of ``task``'s update under ``cfg`` on ``suite``: the suite, its backbone, the task,
+    the digest of the task's training data (:meth:`Task.data_digest`: a regenerated or edited dataset
+    retrains) and the config. The frozen head is not hashed: the suites derive it from W0 and the train
+    split, and its float values may differ in the last bits between thread counts."""
     # checkpointing does not change the result (resume is bit-identical): not part of the key
-    return config_hash(suite.name, suite.fingerprint, task, dataclasses.replace(cfg, checkpoint_every=None))
+    data = suite.task(task).data_digest()
+    return config_hash(
+        suite.name, suite.fingerprint, task, data, dataclasses.replace(cfg, checkpoint_every=None)
+    )
 
 
 def update_cache_folder(suite: Suite, task: str, cfg: TrainConfig, cache: Path) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -25,6 +26,26 @@ class Split:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+
+# the splits that training reads: batches from train, the validation accuracy it records (and with
+# select='best' the step it releases) from val; test is for evaluation only
+TRAINING_SPLITS = ("train", "val")
+
+
+def splits_digest(splits: Mapping[str, Split]) -> str:
+    """blake2b (16 bytes, hex) of split data: for each split in name order, its name, then ``x`` and ``y``
+    each as dtype, shape and raw bytes. The same data gives the same digest in any process, on any device
+    and in any order of ``splits``."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(splits):
+        split = splits[name]
+        h.update(f"{name};".encode())
+        for t in (split.x, split.y):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # (numel · itemsize,) bytes, no copy
+    return h.hexdigest()
 
 
 class CosineHead(nn.Module):
@@ -91,6 +112,17 @@ class Task:
     evaluate: Evaluator | None = None
     # loss(logits, y) the batch mean, loss.per_sample(logits, y) one value per sample: what objectives take
     loss: Loss = field(default_factory=CrossEntropy)
+    # data_digest's (the splits it hashed, their digest); a replaced split is hashed again
+    _digest: tuple[tuple[Split, ...], str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def data_digest(self) -> str:
+        """:func:`splits_digest` of the splits training reads (:data:`TRAINING_SPLITS`): part of the cache
+        key of an update trained on this task. Computed once per split objects (a Split is frozen; a
+        tensor edited in place after the first call is not seen: build a new Split)."""
+        splits = tuple(self.split(s) for s in TRAINING_SPLITS)
+        if self._digest is None or any(a is not b for a, b in zip(self._digest[0], splits, strict=True)):
+            self._digest = (splits, splits_digest(dict(zip(TRAINING_SPLITS, splits, strict=True))))
+        return self._digest[1]
 
     def head_on(self, device: torch.device | str) -> nn.Module:
         """The head on ``device``: the task's own where it already is, else a copy, so a run on a GPU
