@@ -8,9 +8,12 @@ student is the model itself. Per micro-batch, with t the teacher's logits (compu
     J = T²·KL(softmax(t/T) ‖ softmax(f_1/T)) − λ·w(s)·b(CE(f_s, argmax t))
 
 (:mod:`trap2.objectives.self_distill`; s, w, b and λ from the ``trap2_*`` arguments, s drawn per
-optimizer step as in :class:`trap2.hf.Trap2Trainer`). Token logits (B, L, V) are averaged over the
-batch's ``attention_mask``. Labels in the batch are ignored. The off-nominal backward runs inside the
-scaled context, the nominal loss is returned, as in ``Trap2Mixin``. The teacher copy costs one more
+optimizer step as in :class:`trap2.hf.Trap2Trainer`). The off-nominal passes are the Trainer's own
+(:meth:`Trap2Mixin.trap2_off_nominal`), so what it takes this takes too: ``trap2_operators`` (each draw
+W0 + op(ΔW) instead of W0 + s·ΔW; refused under FSDP / DeepSpeed) and ``trap2_collateral``; the
+lookahead is refused as there. Token logits (B, L, V) are averaged over the batch's ``attention_mask``.
+Labels in the batch are ignored. The off-nominal backward runs inside the scaled context, the nominal
+loss is returned, as in ``Trap2Mixin``. The teacher copy costs one more
 model in memory (LoRA: the base weights too); ``teacher=`` takes a model you already hold instead.
 ``save_update`` records the protection settings and the teacher's fingerprint.
 """
@@ -28,7 +31,6 @@ from transformers import Trainer
 from trap2.hf.trainer import Trap2Mixin
 from trap2.objectives.base import same_random_draws
 from trap2.objectives.self_distill import distill_loss, teacher_ce
-from trap2.objectives.trap2 import bounded, scale_weight
 from trap2.updates import Update, tensors_fingerprint
 
 
@@ -72,29 +74,22 @@ class Trap2ProtectMixin(Trap2Mixin):
     ) -> Any:
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        cfg = self.trap2_config
         inputs = {k: v for k, v in inputs.items() if k != "labels"}  # unlabelled: the teacher is the target
         mask = inputs.get("attention_mask")
         with torch.no_grad():
             teacher = _logits(self.trap2_teacher(**inputs)).detach()
         token_mask = mask if mask is not None and teacher.dim() == 3 else None
-        scales = self.trap2_scales()
-        offs, off_sum = [], 0.0
         with same_random_draws(self.args.device) as replay:
-            for s in scales:
-                with self.trap2_scaled(model, s):
-                    off = teacher_ce(_logits(model(**inputs)), teacher, token_mask)
-                    term = -(cfg.lam * scale_weight(cfg.weight, s) / len(scales)) * bounded(off, cfg.bound)
-                    self._trap2_backward(term, num_items_in_batch)
-                off_sum = off_sum + term.detach()
-                offs.append(float(off.detach()))
-                replay()
+            # the Trainer's off-nominal loop (draws, operators, bound, collateral), the loss against the teacher
+            off_sum = self.trap2_off_nominal(
+                model,
+                lambda: teacher_ce(_logits(model(**inputs)), teacher, token_mask),
+                replay,
+                num_items_in_batch,
+            )
             outputs = model(**inputs)
             nominal = distill_loss(_logits(outputs), teacher, self.trap2_temperature, token_mask)
-        m = self._trap2_metrics
-        m["trap2_nominal_loss"].append(float(nominal.detach()))
-        m["trap2_off_nominal_loss"].append(sum(offs) / len(offs))
-        m["trap2_scale"].append(sum(scales) / len(scales))
+        self._trap2_metrics["trap2_nominal_loss"].append(float(nominal.detach()))
         j = nominal + off_sum
         return (j, outputs) if return_outputs else j
 

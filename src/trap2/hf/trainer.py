@@ -43,6 +43,7 @@ import dataclasses
 import logging
 import types
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -232,44 +233,69 @@ class Trap2Mixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        draws = self.trap2_draws()
-        scales = [d.s for d in draws]
-        off_sum = 0.0
-        offs, disrupted = [], []
-        # feature_tap reads `.model`: point it at the module whose output is the features
-        features = types.SimpleNamespace(model=self._trap2_features)
-        tap = feature_tap(features) if cfg.collateral else contextlib.nullcontext()
-        with same_random_draws(self.args.device) as replay, tap as seen:
-            if cfg.collateral:  # the features at W0 (s = 0), no gradient
-                with torch.no_grad(), self.trap2_scaled(model, 0.0):
-                    super().compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
-                base = seen[-1].detach()
-                seen.clear()
-                replay()
-            for d in draws:
-                s = d.s
-                with self.trap2_scaled(model, s if d.transforms is None else d):
-                    off = super().compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
-                    trap = bounded(off, cfg.bound)
-                    if cfg.collateral:
-                        d = disruption(seen[-1], base)
-                        trap = trap + cfg.collateral * d
-                        disrupted.append(float(d.detach()))
-                        seen.clear()
-                    term = -(cfg.lam * scale_weight(cfg.weight, s) / len(scales)) * trap
-                    self._trap2_backward(term, num_items_in_batch)
-                off_sum = off_sum + term.detach()
-                offs.append(float(off.detach()))
-                replay()
+        with same_random_draws(self.args.device) as replay:
+            off_sum = self.trap2_off_nominal(
+                model,
+                lambda: super(Trap2Mixin, self).compute_loss(
+                    model, dict(inputs), num_items_in_batch=num_items_in_batch
+                ),
+                replay,
+                num_items_in_batch,
+            )
             # outputs only when asked: TRL's SFTTrainer recomputes the logits for them with another forward
             nominal = super().compute_loss(
                 model, dict(inputs), return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
             loss, outputs = nominal if return_outputs else (nominal, None)
+        self._trap2_metrics["trap2_nominal_loss"].append(float(loss.detach()))
+        j = loss + off_sum  # the value of J; only the nominal part still needs its backward
+        return (j, outputs) if return_outputs else j
+
+    def trap2_off_nominal(
+        self,
+        model: nn.Module,
+        off_loss: Callable[[], torch.Tensor],
+        replay: Callable[[], None],
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor | float:
+        """The off-nominal part of J for this micro-batch, its backward run: for each of the step's draws
+        (:meth:`trap2_draws`: s·ΔW, or an operator of ``trap2_operators``), ``off_loss()`` (one forward of
+        ``model`` on the batch, returning L) inside the draw's context, the term −λ·w(s)·b(L) [+ μ·(1 − cos)
+        to the features at W0] / n backpropagated there. ``replay`` (from ``same_random_draws``) is called
+        after each pass, so the caller's nominal pass that follows sees the same dropout masks. Returns the
+        sum of the terms (detached) and records the step's metrics. Shared by every Trap² Trainer
+        (``Trap2Mixin``: the task's loss; ``Trap2ProtectMixin``: CE against the teacher)."""
+        cfg = self.trap2_config
+        draws = self.trap2_draws()
+        off_sum: torch.Tensor | float = 0.0
+        offs, disrupted = [], []
+        # feature_tap reads `.model`: point it at the module whose output is the features
+        features = types.SimpleNamespace(model=self._trap2_features)
+        tap = feature_tap(features) if cfg.collateral else contextlib.nullcontext()
+        with tap as seen:
+            if cfg.collateral:  # the features at W0 (s = 0), no gradient
+                with torch.no_grad(), self.trap2_scaled(model, 0.0):
+                    off_loss()
+                base = seen[-1].detach()
+                seen.clear()
+                replay()
+            for d in draws:
+                with self.trap2_scaled(model, d.s if d.transforms is None else d):
+                    off = off_loss()
+                    trap = bounded(off, cfg.bound)
+                    if cfg.collateral:
+                        dis = disruption(seen[-1], base)
+                        trap = trap + cfg.collateral * dis
+                        disrupted.append(float(dis.detach()))
+                        seen.clear()
+                    term = -(cfg.lam * scale_weight(cfg.weight, d.s) / len(draws)) * trap
+                    self._trap2_backward(term, num_items_in_batch)
+                off_sum = off_sum + term.detach()
+                offs.append(float(off.detach()))
+                replay()
         m = self._trap2_metrics
-        m["trap2_nominal_loss"].append(float(loss.detach()))
         m["trap2_off_nominal_loss"].append(sum(offs) / len(offs))
-        m["trap2_scale"].append(sum(scales) / len(scales))
+        m["trap2_scale"].append(sum(d.s for d in draws) / len(draws))
         if disrupted:
             m["trap2_disruption"].append(sum(disrupted) / len(disrupted))
         if max(offs) > DIVERGENCE and not self._trap2_diverged:
@@ -280,8 +306,7 @@ class Trap2Mixin:
                 self.state.global_step,
                 max(offs),
             )
-        j = loss + off_sum  # the value of J; only the nominal part still needs its backward
-        return (j, outputs) if return_outputs else j
+        return off_sum
 
     def _trap2_backward(self, term: torch.Tensor, num_items_in_batch: Any) -> None:
         """Backward of the off-nominal term with the loss normalisation ``training_step`` applies."""
