@@ -275,23 +275,10 @@ def _replay(seed, cfg, spectral):
     return keep, tail, s
 
 
-@pytest.mark.parametrize("kind", ["lora", "full"])
-@pytest.mark.parametrize("ops", ["trim", "spectral", "layer_scale"])
-def test_objective_gradient_at_an_operator_draw_equals_the_formula(kind, ops):
-    """J = L(W0+ΔW) − λ·w(s)·L(W0 + op(ΔW)), op written out by hand on the dense ΔW, one graph."""
-    model, w0 = lora_model(1) if kind == "lora" else full_model(1)
-    x, y = torch.randn(12, 10, dtype=torch.float64), torch.randint(0, 7, (12,))
-    cfg = ObjectiveConfig(lam=0.4, operators=ops, keep_min=0.3, keep_max=0.6)
-    (d,) = draw_operators(cfg, model, 1, torch.Generator().manual_seed(8))
-    st = get_objective(cfg).backward(model, x, y, F.cross_entropy, torch.Generator().manual_seed(8))
-    assert st.scales == [d.s]
-    params = [p for p in model.model.parameters() if p.requires_grad]
-    got = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-
-    # the reference: the model's own forward at s = 1, and W0 + op(ΔW) through functional_call
-    keep, tail, s = _replay(8, cfg, ops == "spectral") if ops != "layer_scale" else (None, None, d.s)
+def hand_operator(model, d, cfg, ops, seed):
+    """{unit: op(ΔW)} for the draw ``d`` of the one-operator family ``ops`` (drawn from a generator seeded
+    ``seed``), op written out by hand on each unit's dense ΔW, which keeps its graph."""
+    keep, tail, s = _replay(seed, cfg, ops == "spectral") if ops != "layer_scale" else (None, None, d.s)
     assert d.s == pytest.approx(s)
     new = {}
     for u in model.units():
@@ -317,6 +304,26 @@ def test_objective_gradient_at_an_operator_draw_equals_the_formula(kind, ops):
             n_keep = max(1, math.ceil(keep * rank))
             w = torch.tensor([1.0] * n_keep + [tail] * (sig.numel() - n_keep), dtype=torch.float64)
             new[u.name] = s * (uu * (sigma * w)) @ vh
+    return new
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("ops", ["trim", "spectral", "layer_scale"])
+def test_objective_gradient_at_an_operator_draw_equals_the_formula(kind, ops):
+    """J = L(W0+ΔW) − λ·w(s)·L(W0 + op(ΔW)), op written out by hand on the dense ΔW, one graph."""
+    model, w0 = lora_model(1) if kind == "lora" else full_model(1)
+    x, y = torch.randn(12, 10, dtype=torch.float64), torch.randint(0, 7, (12,))
+    cfg = ObjectiveConfig(lam=0.4, operators=ops, keep_min=0.3, keep_max=0.6)
+    (d,) = draw_operators(cfg, model, 1, torch.Generator().manual_seed(8))
+    st = get_objective(cfg).backward(model, x, y, F.cross_entropy, torch.Generator().manual_seed(8))
+    assert st.scales == [d.s]
+    params = [p for p in model.model.parameters() if p.requires_grad]
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    # the reference: the model's own forward at s = 1, and W0 + op(ΔW) through functional_call
+    new = hand_operator(model, d, cfg, ops, 8)
     off = F.cross_entropy(reference_output(model, w0, x, new), y)
     j = F.cross_entropy(model.model(x), y) - cfg.lam / d.s * off
     j.backward()

@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from file_helpers import run_cli
+from test_operators import full_model, hand_operator, lora_model, reference_output
 
 from trap2.config import ObjectiveConfig, TrainConfig
 from trap2.errors import ConfigError, DataError, UpdateFileError
 from trap2.eval.evaluate import base_state, scaling_curve
-from trap2.objectives import get_objective
+from trap2.objectives import get_objective, operators
+from trap2.objectives.operators import OPERATORS, draw_operators
 from trap2.objectives.self_distill import SelfDistillObjective, distill_loss, teacher_ce
 from trap2.protect import ProtectConfig, protect_update, trap_steps, update_fingerprint
 from trap2.scaling import ScaledModel
@@ -160,6 +162,92 @@ def test_labels_are_refused_as_teacher_outputs(tiny_net):
         )
 
 
+# --- the hardened objective's operators (objective.operators) -----------------------------------------
+
+
+def record_draws(monkeypatch):
+    """Lists that receive every batch of draws the objective makes (``draw_operators``' result) and every
+    transform it applies to the model (``ScaledModel.transformed``'s argument)."""
+    drawn, applied = [], []
+    draw, transformed = operators.draw_operators, ScaledModel.transformed
+
+    def recording_draw(*args):
+        drawn.append(draw(*args))
+        return drawn[-1]
+
+    def recording_transformed(self, transforms):
+        applied.append(transforms)
+        return transformed(self, transforms)
+
+    monkeypatch.setattr(operators, "draw_operators", recording_draw)
+    monkeypatch.setattr(ScaledModel, "transformed", recording_transformed)
+    return drawn, applied
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("ops", ["trim", "spectral", "layer_scale"])
+def test_distill_at_an_operator_draw_equals_the_hand_written_J(monkeypatch, kind, ops):
+    """trap2_distill with objective.operators: the trap term is measured at W0 + op(ΔW) of the drawn
+    operator, J = KL(t‖f_1) − λ·w(s)·CE(f_op, argmax t), op written out by hand on the dense ΔW."""
+    model, w0 = lora_model(1) if kind == "lora" else full_model(1)
+    drawn, applied = record_draws(monkeypatch)
+    x, teacher = torch.randn(12, 10, dtype=torch.float64), torch.randn(12, 7, dtype=torch.float64)
+    cfg = ObjectiveConfig(name="trap2_distill", lam=0.4, operators=ops, keep_min=0.3, keep_max=0.6)
+    (d,) = draw_operators(cfg, model, 1, torch.Generator().manual_seed(8))  # the draw the step will make
+    st = get_objective(cfg).backward(model, x, teacher, F.cross_entropy, torch.Generator().manual_seed(8))
+    assert [[(e.operator, e.s) for e in batch] for batch in drawn] == [[(ops, d.s)]] and st.scales == [d.s]
+    (used,) = applied
+    assert used is drawn[0][0].transforms and used.keys() == {u.name for u in model.units()}
+    params = [p for p in model.model.parameters() if p.requires_grad]
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    off = teacher_ce(reference_output(model, w0, x, hand_operator(model, d, cfg, ops, 8)), teacher)
+    j = distill_loss(model.model(x), teacher) - cfg.lam / d.s * off
+    j.backward()
+    assert st.off_nominal == pytest.approx(float(off.detach()), rel=1e-6)
+    assert st.loss == pytest.approx(float(j.detach()), rel=1e-6)
+    for g, p in zip(got, params, strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_distill_draws_every_off_nominal_model_from_the_family(monkeypatch):
+    """A family of four, eight draws per step, off_every = 2: the trap step's draws are the family's (those
+    draw_operators makes from the step's generator), each applied as drawn; the nominal-only step draws none."""
+    model, _ = lora_model(2)
+    drawn, applied = record_draws(monkeypatch)
+    family = "scale,layer_scale,trim,spectral"
+    cfg = ObjectiveConfig(name="trap2_distill", lam=0.2, operators=family, n_samples=8)
+    objective = SelfDistillObjective(cfg, off_every=2)
+    x, teacher = torch.randn(6, 10, dtype=torch.float64), torch.randn(6, 7, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    assert objective.backward(model, x, teacher, F.cross_entropy, gen).scales == [] and drawn == []
+    st = objective.backward(model, x, teacher, F.cross_entropy, gen)
+    (draws,) = drawn
+    want = draw_operators(cfg, model, 8, torch.Generator().manual_seed(5))
+    assert [(d.operator, d.s) for d in draws] == [(d.operator, d.s) for d in want]
+    assert {d.operator for d in draws} <= set(family.split(",")) and len({d.operator for d in draws}) >= 3
+    assert st.scales == [d.s for d in draws]
+    transformed = [d.transforms for d in draws if d.transforms is not None]  # 'scale' runs ScaledModel.scale
+    assert len(applied) == len(transformed) and all(a is t for a, t in zip(applied, transformed, strict=True))
+
+
+@pytest.mark.parametrize("targets", ["teacher", "labels"])
+def test_protect_trains_with_the_operators_and_records_them(monkeypatch, digits, plain_lora, targets):
+    drawn, applied = record_draws(monkeypatch)
+    objective = ObjectiveConfig(name="trap2_distill", lam=0.1, operators="layer_scale,trim", keep_min=0.2)
+    cfg = ProtectConfig(
+        train=dataclasses.replace(PROTECT.train, steps=3, objective=objective), targets=targets
+    )
+    r = protect_update(digits, load_update(plain_lora), cfg)
+    assert len(drawn) == 3 and {d.operator for batch in drawn for d in batch} <= {"layer_scale", "trim"}
+    assert len(applied) == 3
+    recorded = r.update.meta["objective"]
+    assert recorded["operators"] == "layer_scale,trim" and recorded["keep_min"] == 0.2
+    assert recorded["name"] == ("trap2_distill" if targets == "teacher" else "trap2")
+
+
 # --- protecting an update -----------------------------------------------------------------------------
 
 
@@ -267,6 +355,43 @@ def test_cli_bad_inputs_write_nothing(monkeypatch, capsys, plain_lora, tmp_path,
         return
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_cli_protect_takes_the_operators(monkeypatch, capsys, plain_lora, tmp_path):
+    """--operators (one option per ObjectiveConfig field, as trap2 train) and protect.train.objective in
+    the config file; an unknown operator: one line naming the valid ones, nothing written."""
+    out = tmp_path / "flag"
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "protect",
+        plain_lora,
+        "--out",
+        out,
+        "--steps",
+        "2",
+        "--operators",
+        "layer_scale,trim",
+    )
+    assert code == 0, err
+    assert load_update(out).meta["objective"]["operators"] == "layer_scale,trim"
+    config = tmp_path / "protect.yaml"
+    config.write_text("protect:\n  train:\n    steps: 2\n    objective:\n      operators: [trim, spectral]\n")
+    out = tmp_path / "yaml"
+    assert run_cli(monkeypatch, capsys, "protect", plain_lora, "--out", out, "--config", config)[0] == 0
+    assert load_update(out).meta["objective"]["operators"] == "trim,spectral"
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("protect:\n  train:\n    objective:\n      operators: scale,ties\n")
+    valid = "valid: " + ", ".join(OPERATORS.names())
+    out = tmp_path / "refused"
+    for extra in (("--operators", "scale,ties"), ("--config", bad)):
+        code, _, err = run_cli(
+            monkeypatch, capsys, "protect", plain_lora, "--out", out, "--steps", "1", *extra
+        )
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "unknown operator 'ties'" in err and valid in err
+        assert not out.exists()
 
 
 def test_cli_refuses_a_protected_update_and_empty_inputs(monkeypatch, capsys, plain_lora, tmp_path):
