@@ -2,6 +2,7 @@
 the teacher is the model as given, and the release records it (tiny digits model and tiny random BERT)."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -10,11 +11,13 @@ from peft import LoraConfig, get_peft_model
 from test_trainer import Logits, args, digits_model
 
 from trap2.config import ObjectiveConfig
-from trap2.hf import Trap2ProtectTrainer, Trap2TrainingArguments
+from trap2.errors import ConfigError
+from trap2.hf import Trap2ProtectTrainer, Trap2Trainer, Trap2TrainingArguments
 from trap2.hf.models import task_examples
+from trap2.objectives.operators import Draw
 from trap2.objectives.self_distill import SelfDistillObjective, distill_loss, teacher_ce
 from trap2.protect import update_fingerprint
-from trap2.scaling import ScaledModel
+from trap2.scaling import Dense, Scale, ScaledModel, base_params
 from trap2.updates import load_update
 
 
@@ -75,23 +78,8 @@ def test_protect_trains_and_records_the_teacher(tmp_path, digits):
 
 def test_token_logits_are_averaged_over_the_attention_mask(tmp_path):
     """A tiny random BERT token classifier: padded positions do not enter either term."""
-    from transformers import BertConfig, BertForTokenClassification
-
-    torch.manual_seed(0)
-    bert = BertForTokenClassification(
-        BertConfig(
-            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=16, num_labels=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        )
-    )  # fmt: skip
-    model = get_peft_model(bert, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
-    for m in model.modules():
-        if hasattr(m, "lora_B"):
-            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.5)
-    ids = torch.randint(0, 50, (4, 6))
-    mask = torch.ones(4, 6, dtype=torch.long)
-    mask[:, 4:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask}
+    model, batch = tiny_bert()
+    mask = batch["attention_mask"]
     trainer = Trap2ProtectTrainer(
         model=model, args=args(tmp_path, seed=1, trap2_lambda=0.2), train_dataset=[batch]
     )
@@ -109,3 +97,155 @@ def test_token_logits_are_averaged_over_the_attention_mask(tmp_path):
     assert float(nominal) == pytest.approx(0.0, abs=1e-6)
     assert float(teacher_ce(model(**batch).logits, t, mask)) == pytest.approx(float(cut), rel=1e-5)
     assert isinstance(trainer.args, Trap2TrainingArguments)
+
+
+def tiny_bert():
+    """A tiny random BERT token classifier with a LoRA adapter (B ≠ 0) and a padded batch of 4 × 6 tokens."""
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(0)
+    bert = BertForTokenClassification(
+        BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=16, num_labels=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )
+    )  # fmt: skip
+    model = get_peft_model(bert, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.5)
+    ids = torch.randint(0, 50, (4, 6))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[:, 4:] = 0
+    return model, {"input_ids": ids, "attention_mask": mask}
+
+
+# --- the hardened objective's operators (trap2_operators) --------------------------------------------
+
+FAMILY = "layer_scale,trim,spectral,isotropic"
+HARDENED = ObjectiveConfig(lam=0.3, operators=FAMILY, n_samples=3, collateral=0.2, keep_min=0.3)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_step_gradient_with_operators_equals_the_library_objective(tmp_path, digits, mode):
+    """trap2_operators (and trap2_collateral) reach the protect trainer: one micro-step accumulates the
+    gradient of trap2_distill at the operator draws Trap2Trainer makes for step 0 (same generator)."""
+    model = digits_model(digits, mode)
+    reference = copy.deepcopy(model)
+    view = Logits(reference, reference.backbone, "pixel_values")
+    scaled = ScaledModel(view, mode, base_params(view) if mode == "full" else None)
+    examples = task_examples(digits.task("rot90"))[:16]
+    trainer = Trap2ProtectTrainer(
+        model=model,
+        args=args(tmp_path, seed=3, **Trap2TrainingArguments.objective_arguments(HARDENED)),
+        train_dataset=examples,
+    )
+    assert trainer.trap2_config == dataclasses.replace(HARDENED, name="trap2_distill")
+    if mode == "full":  # W ≠ W0 (both kept W0 already), else every operator draw is of a zero update
+        torch.manual_seed(1)
+        ref = dict(reference.named_parameters())
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    step = 0.05 * torch.randn_like(p)
+                    p.add_(step)
+                    ref[n].add_(step)
+    batch = trainer.data_collator(examples)
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.training_step(model, batch)
+
+    with torch.no_grad():  # the teacher: the model as given to the trainer
+        teacher = Logits(trainer.trap2_teacher, trainer.trap2_teacher.backbone, "pixel_values")(
+            batch["pixel_values"]
+        )
+    reference.train()
+    objective = SelfDistillObjective(dataclasses.replace(HARDENED, name="trap2_distill"))
+    gen = torch.Generator().manual_seed(3 * 1_000_003)
+    stats = objective.backward(scaled, batch["pixel_values"], teacher, F.cross_entropy, gen)
+    draws = trainer.trap2_draws(0)
+    assert stats.scales == [d.s for d in draws]
+    assert {d.operator for d in draws} <= set(FAMILY.split(",")) and all(d.transforms for d in draws)
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    want = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys() and got
+    for n in got:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    metrics = trainer._trap2_metrics
+    assert metrics["trap2_off_nominal_loss"] == [pytest.approx(stats.off_nominal, rel=1e-5)]
+    assert stats.disruption > 1e-4
+    assert metrics["trap2_disruption"] == [pytest.approx(stats.disruption, rel=1e-5)]
+
+
+def test_loss_at_a_fixed_operator_draw_equals_the_hand_merged_model(tmp_path, monkeypatch):
+    """A transformers model (tiny BERT, masked tokens) and two fixed draws, per-layer scales and a trim:
+    J = KL(t‖f_1) − λ/2·Σ w(s)·CE(f_op, argmax t), each f_op a copy of the model with W0 + op(ΔW) merged
+    into its base weights by hand and its LoRA branches off."""
+    model, batch = tiny_bert()
+    mask = batch["attention_mask"]
+    trainer = Trap2ProtectTrainer(
+        model=model,
+        args=args(tmp_path, trap2_lambda=0.2, trap2_operators="layer_scale,trim", trap2_n_samples=2),
+        train_dataset=[batch],
+    )
+    units = [u.name for u in trainer._trap2_scaled.units()]
+    assert len(units) == 2  # query and value of the one layer
+    layer_s = {name: 0.3 + 0.4 * i for i, name in enumerate(units)}
+    draws = [
+        Draw("layer_scale", 0.5, {name: Scale(s) for name, s in layer_s.items()}),
+        Draw(
+            "trim",
+            1.5,
+            {
+                name: Dense(
+                    lambda d: 1.5 * d * (d.abs() >= d.abs().flatten().topk(d.numel() // 2).values.min())
+                )
+                for name in units
+            },
+        ),
+    ]
+    monkeypatch.setattr(trainer, "trap2_draws", lambda step=None: draws)
+
+    def by_hand(name: str, delta: torch.Tensor, i: int) -> torch.Tensor:
+        if i == 0:
+            return layer_s[name] * delta
+        kth = delta.abs().flatten().sort(descending=True).values[delta.numel() // 2 - 1]  # top half kept
+        return 1.5 * delta * (delta.abs() >= kth)
+
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.compute_loss(model, dict(batch))
+    with torch.no_grad():
+        t = trainer.trap2_teacher(**batch).logits
+        nominal = distill_loss(model(**batch).logits, t, 1.0, mask)
+        offs = []
+        for i in range(2):
+            merged = copy.deepcopy(model)
+            for name, m in merged.named_modules():
+                if name in units:
+                    delta = m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
+                    m.base_layer.weight += by_hand(name, delta, i)
+                    m.lora_B["default"].weight.zero_()
+            offs.append(teacher_ce(merged(**batch).logits, t, mask))
+    want = nominal - 0.2 / 2 * (offs[0] / 0.5 + offs[1] / 1.5)
+    assert float(loss) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+    assert abs(float(offs[0] - offs[1])) > 1e-4  # the two draws are different models
+    assert trainer._trap2_metrics["trap2_off_nominal_loss"] == [pytest.approx(float(sum(offs)) / 2, rel=1e-5)]
+
+
+@pytest.mark.parametrize("cls", [Trap2Trainer, Trap2ProtectTrainer])
+def test_the_trainers_refuse_the_same_settings(tmp_path, digits, monkeypatch, cls):
+    """The protect trainer refuses what Trap2Trainer refuses, with the same message: the lookahead, and
+    operators other than 'scale' under FSDP / DeepSpeed (faked: accelerate's distributed_type)."""
+    from accelerate import Accelerator
+
+    with pytest.raises(ConfigError, match="lookahead is implemented by the built-in loop"):
+        cls(model=digits_model(digits, "lora"), args=args(tmp_path, trap2_lookahead_steps=1))
+    trainer = cls(model=digits_model(digits, "lora"), args=args(tmp_path, trap2_operators="trim"))
+    with pytest.raises(ConfigError, match="use trap2_draws"):
+        trainer.trap2_scales(0)
+    for sharded in ("FSDP", "DEEPSPEED"):
+        monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self, kind=sharded: kind))
+        with pytest.raises(ConfigError, match="under FSDP / DeepSpeed the parameters are sharded"):
+            cls(model=digits_model(digits, "lora"), args=args(tmp_path, trap2_operators="scale,trim"))
+        assert cls(model=digits_model(digits, "lora"), args=args(tmp_path)).trap2_config.operators == "scale"
