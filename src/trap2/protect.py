@@ -3,7 +3,8 @@
 The given update (a PEFT LoRA folder or a dense delta made on a suite's backbone) is the teacher: its
 outputs at s = 1 on the inputs are computed once, in eval mode, and frozen. The student starts from
 the same update and trains with the ``trap2_distill`` objective (:mod:`trap2.objectives.self_distill`):
-match the teacher at s = 1, be wrong at the paper's off-nominal scales. No labels are read unless
+match the teacher at s = 1, be wrong at the paper's off-nominal scales (or, with
+``objective.operators``, at the hardened objective's operators: docs/hardening.md). No labels are read unless
 ``targets='labels'``, which runs the paper's labelled objective (``trap2``) from the update instead.
 
 The optimiser, schedule and step are the built-in loop's (:mod:`trap2.training.loop`); the released
@@ -64,7 +65,8 @@ class ProtectConfig:
     λ and scales; ``train.mode`` follows the update) against the teacher's outputs or the labels."""
 
     train: TrainConfig = help_field(
-        "the protect run: objective (trap2_distill: λ, s_min, s_max, δ, w(s), law, bound, collateral), steps, "
+        "the protect run: objective (trap2_distill: λ, s_min, s_max, δ, w(s), law, bound, collateral, "
+        "operators), steps, "
         "batch size, lr, warm-up, seed, device",
         default_factory=_default_train,
     )

@@ -7,7 +7,8 @@ W0 + s·ΔW:
     J = T²·KL(softmax(t/T) ‖ softmax(f_1/T)) − λ·E_s[w(s)·b(CE(f_s, argmax t))]
 
 s and w(s) as in the paper's objective (``trap2``: Jang et al., ICML 2026, Eq. 3, with ``law``,
-``bound`` b and ``collateral`` μ as there): the nominal term keeps the student's predictions at s = 1
+``bound`` b, ``collateral`` μ and the hardening's ``operators`` as there: f_s is then
+the student at W0 + op(ΔW) of the drawn operator): the nominal term keeps the student's predictions at s = 1
 those of the teacher, the trap term makes them wrong at every other scale. Where the outputs are
 features rather than a head's logits (``match='mse'``), the nominal term is MSE(f_1, t) and the trap
 term pushes the scaled features away from the teacher's, b(MSE(f_s, t)) (give ``bound``: MSE has no
