@@ -158,9 +158,11 @@ def test_a_task_subset_is_the_pool_and_cells_are_keyed_by_their_pool(digits):
     assert _cell_key(grown, demo) != _cell_key(digits, demo)
     sub = BenchConfig(tasks=("flip", "rot90")).demo_config(digits, "lora", "rot90")
     assert sub.tasks == ("flip", "rot90") and _cell_key(small, sub) != _cell_key(digits, demo)
-    # ... and by the tasks' training data: a regenerated dataset redoes it
+    # ... and by the tasks' data, every split: a regenerated dataset redoes it (its report scores test)
     flip = digits.task("flip")
-    relabelled = dataclasses.replace(flip, train=Split(flip.train.x, flip.train.y.roll(1)))
-    changed = dataclasses.replace(digits, tasks={**digits.tasks, "flip": relabelled})
-    assert _cell_key(changed, demo) != _cell_key(digits, demo)
+    for split in ("train", "val", "test"):
+        old = flip.split(split)
+        relabelled = dataclasses.replace(flip, **{split: Split(old.x, old.y.roll(1))})
+        changed = dataclasses.replace(digits, tasks={**digits.tasks, "flip": relabelled})
+        assert _cell_key(changed, demo) != _cell_key(digits, demo), split
     assert _cell_key(dataclasses.replace(digits, tasks=dict(digits.tasks)), demo) == _cell_key(digits, demo)

@@ -1,20 +1,27 @@
 """Resumable evaluation (``trap2.eval.cells``): a run stopped part-way and run again writes the report an
-uninterrupted run writes, computing only the missing cells; a record is reused only for the same pool
-and settings; a damaged record is recomputed; ``fresh`` recomputes everything."""
+uninterrupted run writes, computing only the missing cells; a record is reused only for the same pool,
+settings and data; a damaged record is recomputed; ``fresh`` recomputes everything."""
 
+import dataclasses
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+import torch
 from threat_suite import threat_suite
 
 import trap2.attacks.grid as grid_module
 import trap2.attacks.merge_attack as merge_attack
 from trap2.attacks.grid import GRIDS, AttackGrid
-from trap2.eval.cells import CellStore
+from trap2.eval.cells import CellStore, record_path, suite_key
 from trap2.pipeline import CELLS, DemoConfig, evaluate_protection
+from trap2.suites import Split
 from trap2.updates import Update
 
 GRID = AttackGrid(lrs=(1e-2,), steps=(0, 5), samples=(10,), modes=("full",), optimisers=("adamw",))
@@ -169,14 +176,89 @@ def test_records_are_not_reused_for_another_pool_or_config(setup, tmp_path, monk
 
     # another config field that changes the attack (hparam_search): the matrix is redone, the grid's
     # points (which do not depend on it) are reused
-    import dataclasses
-
     searched = dataclasses.replace(cfg, hparam_search=True)
     with monkeypatch.context() as m:
         attacks, points = counting(m, merge_attack, "run_attack"), counting(m, grid_module, "run_point")
         got = run(setup, out, cfg=searched)
     assert (len(attacks), len(points)) == (n_attacks, 0)
     assert same(got, run(setup, tmp_path / "clean3", cfg=searched))
+
+
+def with_split(suite, task, split, data):
+    """``suite`` with ``task``'s ``split`` replaced by ``data`` (a new suite and task; the old unchanged)."""
+    changed = dataclasses.replace(suite.task(task), **{split: data})
+    return dataclasses.replace(suite, tasks={**suite.tasks, task: changed})
+
+
+def test_records_are_keyed_by_the_data(setup, tmp_path, monkeypatch):
+    """A changed test or val example makes every record on the suite stale; the same data rebuilt (new
+    tensors, same bytes) resumes everything."""
+    n_attacks, n_points = counts(setup)
+    suite, updates, protected, cfg = setup
+    out = tmp_path / "out"
+    whole = run(setup, out)
+    stored = [json.loads(p.read_text())["key"] for p in (out / CELLS).glob("*.json")]
+    kinds = {k["kind"] for k in stored}
+    assert kinds == {"standalone", "attack", "grid_reference", "grid_point"}
+    assert all(k["data"] == suite_key(suite)["data"] for k in stored)  # every kind carries the data
+
+    # the same data built again, in new tensors: same keys, everything resumed
+    rebuilt = threat_suite()[0]
+    assert rebuilt.task("t1").test.x is not suite.task("t1").test.x
+    assert suite_key(rebuilt) == suite_key(suite)
+    with monkeypatch.context() as m:
+        attacks, points = counting(m, merge_attack, "run_attack"), counting(m, grid_module, "run_point")
+        again = run((rebuilt, updates, protected, cfg), out)
+    assert (len(attacks), len(points)) == (0, 0) and same(again, whole)
+
+    # one test label of a pool member changed: every record is computed again, and the report is the
+    # one a clean run on that data writes (the fine-tuned t1, exact on its task, loses that one example)
+    t1 = suite.task("t1").test
+    flipped = Split(t1.x, t1.y.clone())
+    flipped.y[0] = (flipped.y[0] + 1) % 3
+    relabelled = (with_split(suite, "t1", "test", flipped), updates, protected, cfg)
+    digests = suite_key(relabelled[0])["data"]
+    assert [t for t in digests if digests[t] != suite_key(suite)["data"][t]] == ["t1"]
+    with monkeypatch.context() as m:
+        attacks, points = counting(m, merge_attack, "run_attack"), counting(m, grid_module, "run_point")
+        got = run(relabelled, out)
+    assert (len(attacks), len(points)) == (n_attacks, n_points)
+    assert whole["standalone"]["unprotected"]["t1"] == 1.0
+    assert got["standalone"]["unprotected"]["t1"] == pytest.approx(1 - 1 / len(t1))
+    assert same(got, run(relabelled, tmp_path / "clean"))
+
+    # the target's val examples in another order: every accuracy (the normalisers too) is unchanged, yet
+    # the data is not the same, so nothing is reused; the records come out as before
+    v = suite.task("t0").val
+    order = torch.arange(len(v)).roll(1)
+    swapped = (with_split(suite, "t0", "val", Split(v.x[order], v.y[order])), updates, protected, cfg)
+    with monkeypatch.context() as m:
+        attacks, points = counting(m, merge_attack, "run_attack"), counting(m, grid_module, "run_point")
+        got = run(swapped, out)
+    assert (len(attacks), len(points)) == (n_attacks, n_points)
+    assert same(got, whole)
+
+
+KEY_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path[:0] = sys.argv[1:3]
+from threat_suite import threat_suite
+from trap2.eval.cells import record_path, suite_key
+print(record_path(Path("cells"), {"kind": "x", **suite_key(threat_suite()[0])}).name)
+"""
+
+
+def test_a_record_has_the_same_name_in_any_process(setup):
+    """The data's part of a key is a pure function of the bytes: another process (another str hash)
+    names the same record."""
+    here = record_path(Path("cells"), {"kind": "x", **suite_key(setup[0])}).name
+    tests, src = str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", KEY_SCRIPT, tests, src], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.strip() == here
 
 
 def test_a_damaged_record_is_recomputed(setup, tmp_path, monkeypatch, caplog):

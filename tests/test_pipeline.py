@@ -1,5 +1,6 @@
 """The trained-update cache of :mod:`trap2.pipeline`: keyed by the suite, its backbone, the task's training
-data (:meth:`Task.data_digest`) and the config."""
+data (:meth:`Task.data_digest`) and the config; and the digests of a task's splits
+(:meth:`Task.eval_digest`, every split, keys the evaluation records of :mod:`trap2.eval.cells`)."""
 
 from __future__ import annotations
 
@@ -123,8 +124,15 @@ def test_the_digest_is_blake2b_of_each_split_in_name_order():
     assert splits_digest({"train": transposed, "val": val}) == ref.hexdigest()
 
     head = torch.nn.Identity()
-    task = Task("t", 2, train, val, Split(val.x * 0, val.y), head)
+    test = Split(val.x * 0, val.y)
+    task = Task("t", 2, train, val, test, head)
     assert task.data_digest() == ref.hexdigest()  # train and val: what training reads
+    every = hashlib.blake2b(digest_size=16)  # train, val and test: what an evaluation record reads
+    for name, split in (("test", test), ("train", train), ("val", val)):
+        every.update(f"{name};".encode())
+        for t in (split.x, split.y):
+            every.update(f"{t.dtype}{tuple(t.shape)};".encode() + t.numpy().tobytes())
+    assert task.eval_digest() == every.hexdigest() != task.data_digest()
     # the suite's task order (the order tasks were given in) does not enter a task's key
     a = Task("a", 2, train, val, val, head)
     suites = [
@@ -147,3 +155,9 @@ def test_the_digest_is_computed_once_per_split(monkeypatch):
     task.train = Split(torch.ones(4, 2), split.y)  # a replaced split is hashed again
     assert task.data_digest() != first and len(calls) == 2
     assert dataclasses.replace(task, val=task.train).data_digest() != task.data_digest()
+    # eval_digest (every split) is kept apart from data_digest and computed once too
+    n = len(calls)
+    every, trained = task.eval_digest(), task.data_digest()
+    assert task.eval_digest() == every != trained and len(calls) == n + 1
+    task.test = Split(torch.ones(4, 2), split.y)  # test: eval_digest's, not data_digest's
+    assert task.eval_digest() != every and task.data_digest() == trained and len(calls) == n + 2

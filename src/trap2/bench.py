@@ -129,10 +129,11 @@ class BenchConfig:
 
 def _cell_key(suite: Suite, demo: DemoConfig, given: Mapping[str, Update] | None = None) -> str:
     """A finished cell is reused only for the same settings, the same pool of tasks (a suite that
-    gained tasks redoes its cells; the trained updates are cached apart and reused), the same training
-    data (:meth:`Task.data_digest` of each task) and the same given updates (by content)."""
+    gained tasks redoes its cells; the trained updates are cached apart and reused), the same data
+    (:meth:`Task.eval_digest` of each task: every split, since a cell's report scores val and test and
+    its attacks train on train) and the same given updates (by content)."""
     parts: list[Any] = [suite.name, suite.fingerprint, suite.task_names, demo]
-    parts.append({t: suite.task(t).data_digest() for t in suite.task_names})
+    parts.append({t: suite.task(t).eval_digest() for t in suite.task_names})
     if given:
         parts.append({t: update_key(u) for t, u in sorted(given.items())})
     return config_hash(*parts)

@@ -28,7 +28,7 @@ from trap2.attacks.searches.base import per_task_method
 from trap2.config import ObjectiveConfig, TrainConfig, config_hash, help_field, to_dict
 from trap2.defenses import BASELINES, baseline_update
 from trap2.errors import ConfigError
-from trap2.eval.cells import CellStore, context_key, pool_key
+from trap2.eval.cells import CellStore, context_key, pool_key, suite_key
 from trap2.eval.evaluate import accuracy, base_state, scaling_curve
 from trap2.eval.report import write_report
 from trap2.merging import SPACES, get_merge_method
@@ -262,8 +262,9 @@ def evaluate_protection(
 
     Every finished piece (the standalone numbers, each attack cell on each pool, each baseline cell, each
     attacker-grid point and reference) is kept under ``out/cells`` (:mod:`trap2.eval.cells`), keyed by
-    the pool's content and the settings that make it: a stopped run, run again, computes only what is
-    missing and writes the same report. ``fresh``: those records are cleared first.
+    the pool's content, the suite's data (every split) and the settings that make it: a stopped run, run
+    again, computes only what is missing and writes the same report. ``fresh``: those records are
+    cleared first.
 
     ``executor`` (:func:`trap2.workers.worker_pool`): attack the two pools there, one job each (each
     worker rebuilds the suite from ``cfg.suite`` and ``suite.task_names``)."""
@@ -290,7 +291,7 @@ def evaluate_protection(
             "curve_protected": scaling_curve(backbone, suite.task(target), prot_dense, cfg.scales),
         }
 
-    key = {"kind": "standalone", "suite": suite.name, "fingerprint": suite.fingerprint, "tasks": tasks}
+    key = {"kind": "standalone", **suite_key(suite), "tasks": tasks}
     key |= {"device": str(device), "pool": pool_key([updates[t] for t in tasks]), "target": target}
     key |= {"protected": pool_key([protected]), "scales": list(cfg.scales)}
     first, _ = store.run(key, standalone)

@@ -3,10 +3,11 @@
 A record (one attack cell on one pool, one baseline cell, one attacker-grid point, ...) is stored as
 ``<folder>/<kind>-<hash>.json`` — ``{"key": ..., "record": ..., "wall_seconds": ...}``, written
 atomically — where the hash is of the key: a JSON dict of everything that determines the record (the
-kind and its settings, the pool by content, the suite, the normalisers, the device, the package's
-version). A record is reused only when the stored key equals the one asked for; a file that does not
-parse, or holds another key, is recomputed with a warning. ``wall_seconds`` is the original
-computation's, kept on reuse.
+kind and its settings, the pool by content, the suite and its data — every split of every task, by
+content (:meth:`~trap2.suites.base.Task.eval_digest`), since attacks train on train, searches score val
+and reports score test — the normalisers, the device, the package's version). A record is reused only
+when the stored key equals the one asked for; a file that does not parse, or holds another key, is
+recomputed with a warning. ``wall_seconds`` is the original computation's, kept on reuse.
 
 Every record goes through JSON, also when no folder is given, so a resumed run returns the very dicts an
 uninterrupted one does.
@@ -27,11 +28,14 @@ from trap2.io import write_text
 
 if TYPE_CHECKING:
     from trap2.attacks.context import EvalContext
+    from trap2.suites.base import Suite
     from trap2.updates import Update
 
 log = logging.getLogger("trap2")
 
-VERSION = 1  # of the record format and of what a key holds: a change makes every stored record stale
+# of the record format and of what a key holds: a change makes every stored record stale (2: the key
+# holds the suite's data)
+VERSION = 2
 
 
 def pool_key(pool: Sequence[Update]) -> list[str]:
@@ -41,12 +45,22 @@ def pool_key(pool: Sequence[Update]) -> list[str]:
     return [update_key(u) for u in pool]
 
 
-def context_key(ctx: EvalContext) -> dict[str, Any]:
-    """What an evaluation context brings to every record: the suite, its tasks in order, the
-    normalisers of the validation score and the device."""
+def suite_key(suite: Suite) -> dict[str, Any]:
+    """What a suite brings to every record: its name, its backbone's fingerprint and its data, each task's
+    every split by content (:meth:`~trap2.suites.base.Task.eval_digest`; hashed once per task, the same
+    in any process): a regenerated or replaced split makes every record on the suite stale."""
     return {
-        "suite": ctx.suite.name,
-        "fingerprint": ctx.suite.fingerprint,
+        "suite": suite.name,
+        "fingerprint": suite.fingerprint,
+        "data": {t: suite.task(t).eval_digest() for t in suite.task_names},
+    }
+
+
+def context_key(ctx: EvalContext) -> dict[str, Any]:
+    """What an evaluation context brings to every record: the suite and its data (:func:`suite_key`), its
+    tasks in order, the normalisers of the validation score and the device."""
+    return {
+        **suite_key(ctx.suite),
         "tasks": list(ctx.tasks or ()),
         "normalisers": dict(ctx.normalisers),
         "device": str(ctx.device),

@@ -31,6 +31,8 @@ class Split:
 # the splits that training reads: batches from train, the validation accuracy it records (and with
 # select='best' the step it releases) from val; test is for evaluation only
 TRAINING_SPLITS = ("train", "val")
+# the splits an evaluation reads: attacks train on train, searches score val, reports score test
+EVAL_SPLITS = ("train", "val", "test")
 
 
 def splits_digest(splits: Mapping[str, Split]) -> str:
@@ -112,17 +114,31 @@ class Task:
     evaluate: Evaluator | None = None
     # loss(logits, y) the batch mean, loss.per_sample(logits, y) one value per sample: what objectives take
     loss: Loss = field(default_factory=CrossEntropy)
-    # data_digest's (the splits it hashed, their digest); a replaced split is hashed again
-    _digest: tuple[tuple[Split, ...], str] | None = field(default=None, init=False, repr=False, compare=False)
+    # {split names: (the splits hashed, their digest)} of data_digest / eval_digest; a replaced split is
+    # hashed again
+    _digests: dict[tuple[str, ...], tuple[tuple[Split, ...], str]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def _splits_digest(self, names: tuple[str, ...]) -> str:
+        """:func:`splits_digest` of the splits ``names``, computed once per split objects (a Split is
+        frozen; a tensor edited in place after the first call is not seen: build a new Split)."""
+        splits = tuple(self.split(s) for s in names)
+        known = self._digests.get(names)
+        if known is None or any(a is not b for a, b in zip(known[0], splits, strict=True)):
+            known = self._digests[names] = (splits, splits_digest(dict(zip(names, splits, strict=True))))
+        return known[1]
 
     def data_digest(self) -> str:
         """:func:`splits_digest` of the splits training reads (:data:`TRAINING_SPLITS`): part of the cache
-        key of an update trained on this task. Computed once per split objects (a Split is frozen; a
-        tensor edited in place after the first call is not seen: build a new Split)."""
-        splits = tuple(self.split(s) for s in TRAINING_SPLITS)
-        if self._digest is None or any(a is not b for a, b in zip(self._digest[0], splits, strict=True)):
-            self._digest = (splits, splits_digest(dict(zip(TRAINING_SPLITS, splits, strict=True))))
-        return self._digest[1]
+        key of an update trained on this task."""
+        return self._splits_digest(TRAINING_SPLITS)
+
+    def eval_digest(self) -> str:
+        """:func:`splits_digest` of every split (:data:`EVAL_SPLITS`): part of the key of every finished
+        evaluation record (:mod:`trap2.eval.cells`), whose accuracies depend on val and test and whose
+        attacks train on train."""
+        return self._splits_digest(EVAL_SPLITS)
 
     def head_on(self, device: torch.device | str) -> nn.Module:
         """The head on ``device``: the task's own where it already is, else a copy, so a run on a GPU
