@@ -1,7 +1,7 @@
 """The `lm` suite's λ (and protected steps) measured: for each value, the target's Trap²-protected LoRA
 (the suite's recipe otherwise) against its plain one — exact match at s = 1 and the scaling curve.
 
-Run:  python benchmarks/lm_lambda.py --target add --lams 0.03,0.1,0.3 --cache runs/lm-bench/updates \\
+Run:  python benchmarks/lm_lambda.py --target add --lams 0.01,0.03,0.1 --cache runs/lm-bench/updates \\
           --out results/lm-lambda.json --threads 2
 A value is usable when the protected update keeps the plain one's standalone score at s = 1 (within a
 few points) and loses it off s = 1; the recipe takes the smallest λ that does both. --protect-steps sets
@@ -35,7 +35,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="add")
-    ap.add_argument("--lams", default="0.03,0.1,0.3")
+    ap.add_argument("--lams", default="0.01,0.03,0.1")
     ap.add_argument("--protect-steps", type=int, default=None)
     ap.add_argument("--cache", type=Path, default=Path("runs/lm-bench/updates"))
     ap.add_argument("--out", type=Path, default=None)
