@@ -68,16 +68,20 @@ def test_audit_refuses_updates_that_do_not_fit(released, tmp_path):
         run_audit(tmp_path / "anon", cfg, tmp_path / "r", task="nope")
 
 
+# a three-task pool, task arithmetic only, no curve: the audit's cheapest full run
+THREE_TASKS = DemoConfig(
+    train=FAST,
+    tasks=("rot90", "flip", "invert"),
+    methods=("ta",),
+    spaces=("full",),
+    extra_searches=(),
+    scales=(1.0,),
+)
+
+
 def test_audit_merges_the_pool_the_config_names(released, tmp_path):
     """``tasks`` in the audit's config is the pool (it was ignored: every task of the suite was trained)."""
-    cfg = DemoConfig(
-        train=FAST,
-        tasks=("rot90", "flip", "invert"),
-        methods=("ta",),
-        spaces=("full",),
-        extra_searches=(),
-        scales=(1.0,),
-    )
+    cfg = THREE_TASKS
     report = run_audit(released / "prot", cfg, tmp_path, pool=[released / "flip"])
     assert report["tasks"] == ["rot90", "flip", "invert"]
     assert report["pool"] == {"rot90": "trained", "flip": "given", "invert": "trained"}
@@ -87,14 +91,7 @@ def test_audit_merges_the_pool_the_config_names(released, tmp_path):
 def test_audit_run_again_resumes_from_its_finished_cells(released, tmp_path, monkeypatch):
     """The second run reads every attack cell from ``out/cells`` and writes the same report; ``fresh``
     recomputes them."""
-    cfg = DemoConfig(
-        train=FAST,
-        tasks=("rot90", "flip", "invert"),
-        methods=("ta",),
-        spaces=("full",),
-        extra_searches=(),
-        scales=(1.0,),
-    )
+    cfg = THREE_TASKS
     first = run_audit(released / "prot", cfg, tmp_path, pool=[released / "flip"])
     assert len(list((tmp_path / "cells").glob("attack-*.json"))) == 2
 

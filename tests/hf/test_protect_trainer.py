@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from test_trainer import Logits, args, digits_model
+from test_trainer import Logits, args, digits_model, move_off_w0
 
 from trap2.config import ObjectiveConfig
 from trap2.errors import ConfigError
@@ -142,14 +142,7 @@ def test_step_gradient_with_operators_equals_the_library_objective(tmp_path, dig
     )
     assert trainer.trap2_config == dataclasses.replace(HARDENED, name="trap2_distill")
     if mode == "full":  # W ≠ W0 (both kept W0 already), else every operator draw is of a zero update
-        torch.manual_seed(1)
-        ref = dict(reference.named_parameters())
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if p.requires_grad:
-                    step = 0.05 * torch.randn_like(p)
-                    p.add_(step)
-                    ref[n].add_(step)
+        move_off_w0(model, reference)
     batch = trainer.data_collator(examples)
     model.train()
     trainer.current_gradient_accumulation_steps = 1

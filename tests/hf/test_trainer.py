@@ -16,6 +16,19 @@ from trap2.objectives import get_objective
 from trap2.scaling import ScaledModel, base_params
 
 
+def move_off_w0(model, reference) -> None:
+    """Add the same small random step to every trainable weight of ``model`` and of its ``reference`` copy
+    (fixed seed), so W ≠ W0 in both."""
+    torch.manual_seed(1)
+    ref = dict(reference.named_parameters())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                step = 0.05 * torch.randn_like(p)
+                p.add_(step)
+                ref[n].add_(step)
+
+
 def args(tmp_path, **kw):
     base = dict(
         output_dir=str(tmp_path),
@@ -113,14 +126,7 @@ def step_gradients(tmp_path, model, batch, key, view, cfg, seed=3):
     full = trainer.trap2_mode == "full"
     scaled = ScaledModel(logits_of, trainer.trap2_mode, base_params(logits_of) if full else None)
     if full:  # W ≠ W0 (both kept W0 already), else the collateral term has no gradient
-        torch.manual_seed(1)
-        ref = dict(reference.named_parameters())
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if p.requires_grad:
-                    step = 0.05 * torch.randn_like(p)
-                    p.add_(step)
-                    ref[n].add_(step)
+        move_off_w0(model, reference)
     model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by train() in a real run
     trainer.training_step(model, batch)
