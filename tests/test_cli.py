@@ -204,13 +204,13 @@ def test_readme_demo_meets_the_promises(tmp_path):
             assert by_cell[(*cell, False)] > zs and by_cell[(*cell, True)] < zs, cell
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch):
-    text = (ROOT / "README.md").read_text()
+def test_training_doc_python_example_runs(tmp_path, monkeypatch):
+    text = (ROOT / "docs" / "training.md").read_text()
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     code = code.replace("TrainConfig(objective=", "TrainConfig(steps=30, objective=")
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/training.md", "exec"), namespace)
     delta = namespace["delta"]
     assert delta and all(torch.isfinite(d).all() for d in delta.values())
     assert (tmp_path / "runs" / "rot90" / "adapter_config.json").is_file()

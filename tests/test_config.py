@@ -206,9 +206,9 @@ def test_every_objective_field_round_trips_through_the_trainer_arguments(tmp_pat
         assert helps[legacy.get(f.name, f"trap2_{f.name}")].startswith(f.metadata["help"]), f.name
 
 
-def _readme_knob_table() -> dict[str, str]:
-    """{knob: default cell} of the README's table under 'The objective and its knobs'."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+def _docs_knob_table() -> dict[str, str]:
+    """{knob: default cell} of docs/training.md's table under 'The objective and its knobs'."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text(encoding="utf-8")
     section = text.split("## The objective and its knobs", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
@@ -223,7 +223,7 @@ def _readme_knob_table() -> dict[str, str]:
     return rows
 
 
-def _readme_value(cell: str) -> object:
+def _table_value(cell: str) -> object:
     token = cell.split(" (")[0].strip().strip("`")
     if token == "none":
         return None
@@ -233,9 +233,9 @@ def _readme_value(cell: str) -> object:
         return token
 
 
-def test_readme_knob_table_lists_every_objective_field_with_its_default():
-    table = _readme_knob_table()
+def test_docs_knob_table_lists_every_objective_field_with_its_default():
+    table = _docs_knob_table()
     for f in dataclasses.fields(ObjectiveConfig):
-        assert f.name in table, f"README's knob table lacks objective.{f.name}"
+        assert f.name in table, f"docs/training.md's knob table lacks objective.{f.name}"
         want = f.default if not isinstance(f.default, int) else float(f.default)
-        assert _readme_value(table[f.name]) == want, (f.name, table[f.name], f.default)
+        assert _table_value(table[f.name]) == want, (f.name, table[f.name], f.default)

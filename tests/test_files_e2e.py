@@ -6,7 +6,7 @@ folders, a ``datasets`` save_to_disk folder).
 
 Each audit must write its report, show the protected adapter's scaling curve collapsed off s = 1 and the
 plain adapter's not, and hold the merge matrix for both pools (every adapter given: nothing trained; the
-README's form, where the audit trains the protected task's plain reference, and ``trap2 bench --base`` run
+docs/audit.md form, where the audit trains the protected task's plain reference, and ``trap2 bench --base`` run
 too). Bad input must stop the command with a one-line error naming the file (and the row) before anything
 is written. The adapters are trained on rows drawn apart from the audit's data (another seed)."""
 
@@ -294,7 +294,7 @@ def test_audit_a_sequence_classifier_with_jsonl_and_a_datasets_folder(tmp_path, 
     )
     assert report["suite"] == "files-bert-cls"
 
-    # the README's command: the protected adapter given as its task's, whose plain reference the audit
+    # docs/audit.md's command: the protected adapter given as its task's, whose plain reference the audit
     # trains on the task's data (trap2's own loop on the files suite) while the other task's is given
     out = tmp_path / "audit-readme"
     code, _, err = run_cli(

@@ -168,7 +168,7 @@ def test_audit_a_causal_lm_scored_by_exact_match(zoo, tmp_path, monkeypatch, cap
 
 
 def test_audit_trains_the_protected_tasks_plain_reference(zoo, tmp_path, monkeypatch, capsys):
-    """The README's form: the protected adapter given as its task's adapter (``--scoring`` left to auto:
+    """docs/audit.md's form: the protected adapter given as its task's adapter (``--scoring`` left to auto:
     loglik, three answers), whose plain reference the audit trains with trap2's loop on the task's JSONL
     file; the other task's adapter is given."""
     config = tmp_path / "audit.yaml"
