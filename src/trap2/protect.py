@@ -117,9 +117,24 @@ class ProtectConfig:
             object.__setattr__(self, "train", dataclasses.replace(self.train, objective=objective))
 
 
-def trap_steps(cfg: ProtectConfig) -> int | None:
-    """How many of the protect run's first steps carry the off-nominal term (None: every step)."""
-    return round(cfg.train.steps * (1 - cfg.repair)) if cfg.repair else None
+def trap_steps(cfg: ProtectConfig, steps: int | None = None) -> int | None:
+    """How many of the protect run's first steps carry the off-nominal term (None: every step); ``steps``:
+    the run's length (default ``cfg.train.steps``; ``Trap2ProtectTrainer`` passes its ``max_steps``)."""
+    steps = cfg.train.steps if steps is None else steps
+    return round(steps * (1 - cfg.repair)) if cfg.repair else None
+
+
+def protect_settings(cfg: ProtectConfig) -> dict[str, Any]:
+    """The protect phase's settings as a release records them under ``protect`` (the built-in loop and
+    ``Trap2ProtectTrainer`` alike)."""
+    return {
+        "targets": cfg.targets,
+        "match": cfg.match,
+        "temperature": cfg.temperature,
+        "repair": cfg.repair,
+        "off_fraction": cfg.off_fraction,
+        "off_every": cfg.off_every,
+    }
 
 
 @dataclass
@@ -370,12 +385,7 @@ def protect_update(
     agreement, acc, acc_teacher = _agreement(run.model, p.task.test.x, p.test_teacher, p.task.test.y)
     meta = released.update.meta
     meta["protect"] = {
-        "targets": cfg.targets,
-        "match": cfg.match,
-        "temperature": cfg.temperature,
-        "repair": cfg.repair,
-        "off_fraction": cfg.off_fraction,
-        "off_every": cfg.off_every,
+        **protect_settings(cfg),
         "inputs": p.n_inputs,
         "steps": train.steps,
         "agreement_test": agreement,

@@ -16,7 +16,7 @@ from trap2.hf import Trap2ProtectTrainer, Trap2Trainer, Trap2TrainingArguments
 from trap2.hf.models import task_examples
 from trap2.objectives.operators import Draw
 from trap2.objectives.self_distill import SelfDistillObjective, distill_loss, teacher_ce
-from trap2.protect import update_fingerprint
+from trap2.protect import ProtectConfig, trap_steps, update_fingerprint
 from trap2.scaling import Dense, Scale, ScaledModel, base_params
 from trap2.updates import load_update
 
@@ -242,3 +242,209 @@ def test_the_trainers_refuse_the_same_settings(tmp_path, digits, monkeypatch, cl
         with pytest.raises(ConfigError, match="under FSDP / DeepSpeed the parameters are sharded"):
             cls(model=digits_model(digits, "lora"), args=args(tmp_path, trap2_operators="scale,trim"))
         assert cls(model=digits_model(digits, "lora"), args=args(tmp_path)).trap2_config.operators == "scale"
+
+
+# --- trap2 protect's cost knobs: off_fraction, off_every, repair ----------------------------------------
+
+
+def spy_off_nominal(trainer, monkeypatch) -> list[tuple[int, float]]:
+    """Record (optimizer step, λ) of every call of the shared off-nominal loop, which still runs."""
+    calls = []
+    inner = trainer.trap2_off_nominal
+
+    def spy(*a, **kw):
+        calls.append((trainer.state.global_step, trainer.trap2_config.lam))
+        return inner(*a, **kw)
+
+    monkeypatch.setattr(trainer, "trap2_off_nominal", spy)
+    return calls
+
+
+def unlabelled(digits):
+    return [{"pixel_values": e["pixel_values"]} for e in task_examples(digits.task("rot90"))]
+
+
+def test_off_every_traps_every_kth_optimizer_step_with_lambda_k(tmp_path, digits, monkeypatch):
+    """off_every = 3 over 7 optimizer steps of 2 micro-batches: the off-nominal loop runs in both micro-batches
+    of steps 3 and 6 (global_step 2 and 5) with λ·3, and nowhere else; λ is restored and recorded as given."""
+    model = digits_model(digits, "lora")
+    trainer = Trap2ProtectTrainer(
+        model=model,
+        args=args(
+            tmp_path,
+            max_steps=7,
+            trap2_lambda=0.3,
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=2,
+        ),
+        train_dataset=unlabelled(digits),
+        off_every=3,
+    )
+    calls = spy_off_nominal(trainer, monkeypatch)
+    trainer.train()
+    assert [step for step, _ in calls] == [2, 2, 5, 5]
+    assert all(lam == pytest.approx(0.9) for _, lam in calls)
+    assert trainer.trap2_config.lam == 0.3
+    u = load_update(trainer.save_update(tmp_path / "protected", module=model.backbone, task="rot90"))
+    assert u.meta["objective"]["lam"] == 0.3
+    # the settings as trap2 protect records them (its protect_settings), and the run's length
+    assert u.meta["protect"] == {
+        "targets": "teacher",
+        "match": "kl",
+        "temperature": 1.0,
+        "repair": 0.0,
+        "off_fraction": 1.0,
+        "off_every": 3,
+        "steps": 7,
+    }
+
+
+@pytest.mark.parametrize(("fraction", "n"), [(0.7, 3), (0.1, 1), (1.0, 4)])
+def test_off_fraction_the_off_nominal_pass_sees_the_first_examples(tmp_path, fraction, n):
+    """Tiny BERT, B = 4: the off-nominal forward (and the collateral's pass at s = 0) sees the batch's first
+    round(4·f) examples (at least one), the nominal one all 4; J = KL(t‖f_1) over the batch − λ·w(s)·(CE to
+    argmax t + μ·(1 − cos)) over the first n, computed by hand."""
+    model, batch = tiny_bert()
+    mask = batch["attention_mask"]
+    trainer = Trap2ProtectTrainer(
+        model=model,
+        args=args(tmp_path, seed=1, trap2_lambda=0.2, trap2_collateral=0.5),
+        train_dataset=[batch],
+        off_fraction=fraction,
+    )
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.compute_loss(model, dict(batch))
+    hook.remove()
+    assert seen == [n, n, 4]  # s = 0 (collateral), s, then s = 1
+    (s,) = trainer.trap2_scales(0)
+    first = {k: v[:n] for k, v in batch.items()}
+    with torch.no_grad():
+        t = trainer.trap2_teacher(**batch).logits
+        nominal = distill_loss(model(**batch).logits, t, 1.0, mask)
+        with trainer.trap2_scaled(model, 0.0):
+            base = model.get_base_model().bert(**first).last_hidden_state
+        with trainer.trap2_scaled(model, s):
+            off = teacher_ce(model(**first).logits, t[:n], mask[:n])
+            feats = model.get_base_model().bert(**first).last_hidden_state
+        dis = (1 - F.cosine_similarity(feats, base, dim=-1)).mean()
+    assert float(dis) > 1e-4
+    assert float(loss) == pytest.approx(float(nominal - 0.2 / s * (off + 0.5 * dis)), rel=1e-5, abs=1e-6)
+
+
+def test_repair_steps_are_the_teacher_match_alone(tmp_path, digits, monkeypatch):
+    """repair = 0.25 of 8 steps with off_every = 2: the trap steps are 2, 4, 6 (the built-in loop's
+    trap_steps = 6), steps 7–8 are nominal-only; at a repair step J is KL(t‖f_1) and its gradient alone."""
+    model = digits_model(digits, "lora")
+    trainer = Trap2ProtectTrainer(
+        model=model,
+        args=args(tmp_path, max_steps=8, trap2_lambda=0.3, per_device_train_batch_size=8),
+        train_dataset=unlabelled(digits),
+        off_every=2,
+        repair=0.25,
+    )
+    calls = spy_off_nominal(trainer, monkeypatch)
+    trainer.train()
+    assert [step for step, _ in calls] == [1, 3, 5]
+    assert trap_steps(ProtectConfig(repair=0.25), 8) == 6
+
+    # one more micro-step at step 8 (global_step 7, a repair step), against the KL computed by hand
+    batch = trainer.data_collator(unlabelled(digits)[:8])
+    trainer.state.global_step = 7
+    model.train()
+    model.zero_grad()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.training_step(model, batch)
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert len(calls) == 3
+    model.zero_grad()
+    view = Logits(model, model.backbone, "pixel_values")
+    teacher = Logits(trainer.trap2_teacher, trainer.trap2_teacher.backbone, "pixel_values")
+    with torch.no_grad():
+        t = teacher(batch["pixel_values"])
+    distill_loss(view(batch["pixel_values"]), t).backward()
+    for name, g in got.items():
+        torch.testing.assert_close(g, dict(model.named_parameters())[name].grad, rtol=1e-5, atol=1e-7)
+
+
+class _Before(Trap2ProtectTrainer):
+    """The protect trainer's compute_loss before the cost knobs (main at bb60652), as a reference."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from trap2.hf.protect import _logits
+        from trap2.objectives.base import same_random_draws
+
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        mask = inputs.get("attention_mask")
+        with torch.no_grad():
+            teacher = _logits(self.trap2_teacher(**inputs)).detach()
+        token_mask = mask if mask is not None and teacher.dim() == 3 else None
+        with same_random_draws(self.args.device) as replay:
+            off_sum = self.trap2_off_nominal(
+                model,
+                lambda: teacher_ce(_logits(model(**inputs)), teacher, token_mask),
+                replay,
+                num_items_in_batch,
+            )
+            outputs = model(**inputs)
+            nominal = distill_loss(_logits(outputs), teacher, self.trap2_temperature, token_mask)
+        self._trap2_metrics["trap2_nominal_loss"].append(float(nominal.detach()))
+        j = nominal + off_sum
+        return (j, outputs) if return_outputs else j
+
+
+def test_default_knobs_are_bit_identical_to_before(tmp_path, digits, monkeypatch):
+    """With off_fraction = 1, off_every = 1, repair = 0 (given explicitly) four training steps give exactly
+    the losses and the weights of the trainer before the knobs."""
+    runs = {}
+    for cls, knobs in ((_Before, {}), (Trap2ProtectTrainer, dict(off_fraction=1.0, off_every=1, repair=0.0))):
+        model = digits_model(digits, "lora")
+        trainer = cls(
+            model=model,
+            args=args(tmp_path, max_steps=4, trap2_lambda=0.3, trap2_collateral=0.2, learning_rate=2e-3),
+            train_dataset=unlabelled(digits),
+            **knobs,
+        )
+        losses = []
+        inner = trainer.compute_loss
+
+        def spy(*a, inner=inner, losses=losses, **kw):
+            j = inner(*a, **kw)
+            losses.append(j.detach().clone())
+            return j
+
+        monkeypatch.setattr(trainer, "compute_loss", spy)
+        trainer.train()
+        runs[cls] = losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    (before, w_before), (after, w_after) = runs.values()
+    assert len(before) == len(after) == 4
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), (before, after)
+    assert w_before.keys() == w_after.keys()
+    assert all(torch.equal(w_before[n], w_after[n]) for n in w_before)
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(off_fraction=0.0),
+        dict(off_fraction=1.5),
+        dict(off_every=0),
+        dict(off_every=2.0),
+        dict(off_every=True),
+        dict(repair=1.0),
+        dict(repair=-0.1),
+        dict(temperature=0.0),
+    ],
+)
+def test_bad_knobs_are_refused_with_the_protect_messages(tmp_path, digits, knobs):
+    """The same one-line ConfigError as `trap2 protect` (ProtectConfig) gives, before the Trainer is built."""
+    with pytest.raises(ConfigError) as want:
+        ProtectConfig(**knobs)
+    with pytest.raises(ConfigError) as got:
+        Trap2ProtectTrainer(model=digits_model(digits, "lora"), args=args(tmp_path / "out"), **knobs)
+    assert str(got.value) == str(want.value)
+    assert not (tmp_path / "out").exists()

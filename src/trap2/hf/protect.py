@@ -15,7 +15,15 @@ lookahead is refused as there. Token logits (B, L, V) are averaged over the batc
 Labels in the batch are ignored. The off-nominal backward runs inside the scaled context, the nominal
 loss is returned, as in ``Trap2Mixin``. The teacher copy costs one more
 model in memory (LoRA: the base weights too); ``teacher=`` takes a model you already hold instead.
-``save_update`` records the protection settings and the teacher's fingerprint.
+
+``off_fraction``, ``off_every`` and ``repair`` are ``trap2 protect``'s cost knobs (:class:`trap2.protect.
+ProtectConfig`, validated by it with its messages), with its objective's step bookkeeping
+(:meth:`SelfDistillObjective.traps`, ``trap_config``, ``off_size``) counted in optimizer steps (1-based, as
+the built-in loop counts its steps; every micro-batch of an accumulated step alike): the off-nominal passes
+see the batch's first round(B·off_fraction) examples (at least one), run on every ``off_every``-th step
+only with λ·off_every, and not at all in the last ``repair`` fraction of the run's ``max_steps`` (the
+teacher match alone). ``save_update`` records the protection settings (as ``trap2 protect`` records them)
+and the teacher's fingerprint.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from transformers import Trainer
 
 from trap2.hf.trainer import Trap2Mixin
 from trap2.objectives.base import same_random_draws
-from trap2.objectives.self_distill import distill_loss, teacher_ce
+from trap2.objectives.self_distill import SelfDistillObjective, distill_loss, teacher_ce
+from trap2.protect import ProtectConfig, protect_settings, trap_steps
 from trap2.updates import Update, tensors_fingerprint
 
 
@@ -38,13 +47,38 @@ def _logits(out: Any) -> torch.Tensor:
     return out["logits"] if isinstance(out, dict) or hasattr(out, "keys") else out.logits
 
 
+def _first(inputs: dict[str, Any], n: int, b: int) -> dict[str, Any]:
+    """The batch's first ``n`` of its ``b`` examples: every tensor whose first dimension is the batch's."""
+    return {
+        k: v[:n] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b else v
+        for k, v in inputs.items()
+    }
+
+
 class Trap2ProtectMixin(Trap2Mixin):
     """Mix in before a ``Trainer`` subclass; see the module docstring."""
 
-    def __init__(self, *args: Any, teacher: nn.Module | None = None, temperature: float = 1.0, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        teacher: nn.Module | None = None,
+        temperature: float = 1.0,
+        off_fraction: float = 1.0,
+        off_every: int = 1,
+        repair: float = 0.0,
+        **kwargs: Any,
+    ):
+        # the protect phase's settings, checked as `trap2 protect` checks them, before anything is built
+        self.trap2_protect = ProtectConfig(
+            temperature=temperature, off_fraction=off_fraction, off_every=off_every, repair=repair
+        )
         super().__init__(*args, **kwargs)
         self.trap2_config = dataclasses.replace(self.trap2_config, name="trap2_distill")
         self.trap2_temperature = float(temperature)
+        # the built-in objective, for its step bookkeeping: which steps trap, on how much of the batch, with which λ
+        self.trap2_schedule = SelfDistillObjective(
+            self.trap2_config, "kl", self.trap2_temperature, off_fraction, off_every
+        )
         self.loss_is_scaled_for_ga = False  # J is a per-batch mean: scaled for accumulation like any
         model = self.model
         self.trap2_teacher = teacher if teacher is not None else copy.deepcopy(model)
@@ -79,14 +113,30 @@ class Trap2ProtectMixin(Trap2Mixin):
         with torch.no_grad():
             teacher = _logits(self.trap2_teacher(**inputs)).detach()
         token_mask = mask if mask is not None and teacher.dim() == 3 else None
+        schedule = self.trap2_schedule
+        schedule.trap_steps = trap_steps(self.trap2_protect, self.state.max_steps)
         with same_random_draws(self.args.device) as replay:
-            # the Trainer's off-nominal loop (draws, operators, bound, collateral), the loss against the teacher
-            off_sum = self.trap2_off_nominal(
-                model,
-                lambda: teacher_ce(_logits(model(**inputs)), teacher, token_mask),
-                replay,
-                num_items_in_batch,
-            )
+            off_sum: torch.Tensor | float = 0.0
+            if schedule.traps(self.state.global_step + 1):  # else a repair or in-between step: KL alone
+                b = teacher.shape[0]
+                n = schedule.off_size(b)
+                off_in, off_t, off_mask = (
+                    (inputs, teacher, token_mask)
+                    if n == b
+                    else (_first(inputs, n, b), teacher[:n], None if token_mask is None else token_mask[:n])
+                )
+                cfg = self.trap2_config
+                self.trap2_config = schedule.trap_config(cfg)  # λ·off_every for this step's passes
+                try:
+                    # the Trainer's off-nominal loop (draws, operators, bound, collateral), CE to the teacher
+                    off_sum = self.trap2_off_nominal(
+                        model,
+                        lambda: teacher_ce(_logits(model(**off_in)), off_t, off_mask),
+                        replay,
+                        num_items_in_batch,
+                    )
+                finally:
+                    self.trap2_config = cfg
             outputs = model(**inputs)
             nominal = distill_loss(_logits(outputs), teacher, self.trap2_temperature, token_mask)
         self._trap2_metrics["trap2_nominal_loss"].append(float(nominal.detach()))
@@ -98,7 +148,7 @@ class Trap2ProtectMixin(Trap2Mixin):
     ):
         """``Trap2Mixin.save_update``, recording the protect phase and the teacher's fingerprint too."""
         info = {
-            "protect": {"targets": "teacher", "match": "kl", "temperature": self.trap2_temperature},
+            "protect": {**protect_settings(self.trap2_protect), "steps": self.state.max_steps},
             "teacher": self.trap2_teacher_record,
             **(meta or {}),
         }

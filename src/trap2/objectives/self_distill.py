@@ -120,23 +120,35 @@ class SelfDistillObjective(Trap2Objective):
         if not y.is_floating_point():
             raise ConfigError("trap2_distill: y must be the teacher's outputs (float), not labels")
         self.steps_seen += 1
-        repairing = self.trap_steps is not None and self.steps_seen > self.trap_steps
-        if repairing or self.steps_seen % self.off_every:  # a nominal-only step: the teacher match alone
+        if not self.traps(self.steps_seen):  # a nominal-only step: the teacher match alone
             nominal = self.nominal_term(model(x, 1.0), y, loss_fn)
             nominal.backward()
             return StepStats(loss=float(nominal.detach()), nominal=float(nominal.detach()))
-        if self.off_every == 1:
-            return super().backward(model, x, y, loss_fn, gen)
-        # the off-nominal passes run on every off_every-th step with λ·off_every: the same trap weight
-        # per input seen as with the passes on every step
         cfg = self.cfg
-        self.cfg = dataclasses.replace(cfg, lam=cfg.lam * self.off_every)
+        self.cfg = self.trap_config(cfg)
         try:
             return super().backward(model, x, y, loss_fn, gen)
         finally:
             self.cfg = cfg
 
+    # --- the step bookkeeping, shared with trap2.hf.Trap2ProtectTrainer ------------------------------
+
+    def traps(self, step: int) -> bool:
+        """Whether step ``step`` (1-based) runs the off-nominal passes: every ``off_every``-th step, within
+        the first ``trap_steps`` (the rest are repair steps)."""
+        return (self.trap_steps is None or step <= self.trap_steps) and step % self.off_every == 0
+
+    def trap_config(self, cfg: ObjectiveConfig) -> ObjectiveConfig:
+        """``cfg`` for a trap step: λ·off_every, so the trap weight per input seen is the same as with the
+        off-nominal passes on every step (``cfg`` itself when off_every = 1)."""
+        return cfg if self.off_every == 1 else dataclasses.replace(cfg, lam=cfg.lam * self.off_every)
+
+    def off_size(self, n: int) -> int:
+        """How many of a batch's ``n`` inputs the off-nominal passes see: the first ``off_fraction``, at
+        least one."""
+        return max(1, round(n * self.off_fraction))
+
     def off_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``off_fraction`` of the batch (at least one input): the batch is already shuffled."""
-        n = max(1, round(len(x) * self.off_fraction))
+        n = self.off_size(len(x))
         return x[:n], y[:n]
