@@ -35,7 +35,7 @@ from torch import nn
 from trap2.config import ObjectiveConfig
 from trap2.errors import ConfigError
 from trap2.objectives.base import Loss, LossFn, StepStats, same_random_draws
-from trap2.objectives.lookahead import attacked
+from trap2.objectives.lookahead import lookahead
 from trap2.scaling import ScaledModel
 
 if typing.TYPE_CHECKING:
@@ -174,19 +174,13 @@ class Trap2Objective:
     ) -> contextlib.AbstractContextManager[None]:
         """Within the block the update is the attacker's after ``lookahead_steps`` steps against draw
         ``d`` (nothing changes without a lookahead)."""
-        cfg = self.cfg
-        if not cfg.lookahead_steps:
-            return contextlib.nullcontext()
-
-        def attacker_loss() -> torch.Tensor:
-            replay()
-            loss = self.off_term(_forward(model, x, d), y, loss_fn)
-            if cfg.lookahead_objective == "flatten":
-                replay()
-                loss = loss + self.nominal_term(model(x, 1.0), y, loss_fn)
-            return loss
-
-        return attacked(params, attacker_loss, cfg.lookahead_steps, cfg.lookahead_lr, cfg.lookahead_update)
+        return lookahead(
+            self.cfg,
+            params,
+            lambda: self.off_term(_forward(model, x, d), y, loss_fn),
+            lambda: self.nominal_term(model(x, 1.0), y, loss_fn),
+            replay,
+        )
 
 
 def _forward(model: ScaledModel, x: torch.Tensor, d: Draw) -> torch.Tensor:
