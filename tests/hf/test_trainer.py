@@ -76,8 +76,10 @@ def test_arguments_validate_and_parse(tmp_path):
     assert args(tmp_path, **kwargs).objective_config("lora") == extended
     with pytest.raises(ConfigError, match="collateral must be >= 0"):
         args(tmp_path, trap2_collateral=-1.0)
-    # the hardening's operators reach it too; its lookahead is the built-in loop's only
-    hardened = ObjectiveConfig(lam=0.1, operators="scale,trim", keep_min=0.2)
+    # the hardening's operators and lookahead reach it too
+    hardened = ObjectiveConfig(
+        lam=0.1, operators="scale,trim", keep_min=0.2, lookahead_steps=2, lookahead_objective="flatten"
+    )
     assert (
         args(tmp_path, **Trap2TrainingArguments.objective_arguments(hardened)).objective_config("lora")
         == hardened
@@ -86,9 +88,7 @@ def test_arguments_validate_and_parse(tmp_path):
         args(tmp_path, trap2_operators="ties")
 
 
-def test_the_lookahead_is_refused_by_the_trainer(tmp_path, digits):
-    with pytest.raises(ConfigError, match="lookahead is implemented by the built-in loop"):
-        Trap2Trainer(model=digits_model(digits, "lora"), args=args(tmp_path, trap2_lookahead_steps=1))
+def test_operator_draws_are_not_scales(tmp_path, digits):
     trainer = Trap2Trainer(model=digits_model(digits, "lora"), args=args(tmp_path, trap2_operators="trim"))
     with pytest.raises(ConfigError, match="use trap2_draws"):
         trainer.trap2_scales(0)

@@ -10,11 +10,13 @@ student is the model itself. Per micro-batch, with t the teacher's logits (compu
 (:mod:`trap2.objectives.self_distill`; s, w, b and λ from the ``trap2_*`` arguments, s drawn per
 optimizer step as in :class:`trap2.hf.Trap2Trainer`). The off-nominal passes are the Trainer's own
 (:meth:`Trap2Mixin.trap2_off_nominal`), so what it takes this takes too: ``trap2_operators`` (each draw
-W0 + op(ΔW) instead of W0 + s·ΔW; refused under FSDP / DeepSpeed) and ``trap2_collateral``; the
-lookahead is refused as there. Token logits (B, L, V) are averaged over the batch's ``attention_mask``.
-Labels in the batch are ignored. The off-nominal backward runs inside the scaled context, the nominal
-loss is returned, as in ``Trap2Mixin``. The teacher copy costs one more
-model in memory (LoRA: the base weights too); ``teacher=`` takes a model you already hold instead.
+W0 + op(ΔW) instead of W0 + s·ΔW; refused under FSDP / DeepSpeed), ``trap2_collateral`` and
+``trap2_lookahead_steps`` (the attacker's loss is ``trap2_distill``'s: CE to the teacher off-nominal, plus
+KL to the teacher at s = 1 for ``flatten``, on the off-nominal examples). Token logits (B, L, V) are
+averaged over the batch's ``attention_mask``. Labels in the batch are ignored. The off-nominal backward
+runs inside the scaled context, the nominal loss is returned, as in ``Trap2Mixin``. The teacher copy
+costs one more model in memory (LoRA: the base weights too); ``teacher=`` takes a model you already hold
+instead.
 
 ``off_fraction``, ``off_every`` and ``repair`` are ``trap2 protect``'s cost knobs (:class:`trap2.protect.
 ProtectConfig`, validated by it with its messages), with its objective's step bookkeeping
@@ -129,11 +131,16 @@ class Trap2ProtectMixin(Trap2Mixin):
                 self.trap2_config = schedule.trap_config(cfg)  # λ·off_every for this step's passes
                 try:
                     # the Trainer's off-nominal loop (draws, operators, bound, collateral), CE to the teacher
+                    inner = self.accelerator.unwrap_model(model)  # the lookahead's attacker: no DDP hooks
                     off_sum = self.trap2_off_nominal(
                         model,
                         lambda: teacher_ce(_logits(model(**off_in)), off_t, off_mask),
                         replay,
                         num_items_in_batch,
+                        attacker_loss=lambda: teacher_ce(_logits(inner(**off_in)), off_t, off_mask),
+                        attacker_nominal_loss=lambda: distill_loss(
+                            _logits(inner(**off_in)), off_t, self.trap2_temperature, off_mask
+                        ),
                     )
                 finally:
                     self.trap2_config = cfg

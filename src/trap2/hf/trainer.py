@@ -21,8 +21,13 @@ hidden state (B, L, D); the cosine is taken over the last dimension and averaged
 
 With ``trap2_operators`` (hardening, docs/hardening.md) each off-nominal draw is an operator of the
 family (per-layer scales, trims, spectral reweighting) applied to the update, drawn from the same
-(seed, step) generator; the lookahead (``trap2_lookahead_steps``) is implemented by the built-in loop
-only and refused here.
+(seed, step) generator. With ``trap2_lookahead_steps = k > 0`` each draw's trap term is measured after
+the attacker's k first-order steps on the micro-batch (``trap2.objectives.lookahead.lookahead``, the
+built-in objective's): the trainable parameters are stepped in place, the trap pass and its backward run
+there, and the parameters are copied back before the nominal pass. The attacker's passes go through the
+unwrapped model (no DDP hooks; under DDP each process anticipates an attacker on its own micro-batch)
+and its loss is the micro-batch mean (no ``num_items_in_batch``). Sharded training (FSDP, DeepSpeed) and
+reentrant activation checkpointing (which ``torch.autograd.grad`` cannot go through) are refused with it.
 
 Every ``ObjectiveConfig`` field is a ``trap2_<field>`` argument, generated from the config's fields
 with their help text (``name`` is ``trap2_objective`` and ``lam`` is ``trap2_lambda``, whose ``None``
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import types
 from collections import defaultdict
@@ -49,12 +55,14 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import torch
+import transformers
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from trap2.config import ObjectiveConfig, to_dict
 from trap2.errors import ConfigError, TrainingError
 from trap2.objectives.base import same_random_draws
+from trap2.objectives.lookahead import lookahead
 from trap2.objectives.operators import Draw, draw_operators
 from trap2.objectives.trap2 import bounded, disruption, feature_tap, scale_weight
 from trap2.scaling import ScaledModel, base_params, lora_layers
@@ -148,6 +156,17 @@ def feature_module(model: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Module) else model
 
 
+def _reentrant_checkpointing(targs: TrainingArguments) -> bool:
+    """Whether the run checkpoints activations with the reentrant variant (transformers 4 defaults to it,
+    5 to the non-reentrant one)."""
+    if not getattr(targs, "gradient_checkpointing", False):
+        return False
+    kwargs = getattr(targs, "gradient_checkpointing_kwargs", None) or {}
+    if "use_reentrant" in kwargs:
+        return bool(kwargs["use_reentrant"])
+    return int(transformers.__version__.split(".")[0]) < 5
+
+
 class _NonFiniteGuard(TrainerCallback):
     def __init__(self, trainer: Trap2Mixin) -> None:
         self.trainer = trainer
@@ -175,16 +194,22 @@ class Trap2Mixin:
         # the library's scaled model: LoRA checks and scaling, or full fine-tuning's per-layer scaler
         self._trap2_scaled = ScaledModel(model, self.trap2_mode, w0)
         self.trap2_config = targs.objective_config(self.trap2_mode)
-        if self.trap2_config.lookahead_steps:
-            raise ConfigError(
-                "trap2_lookahead_steps: the lookahead is implemented by the built-in loop (trap2 train) only; "
-                "the Trainer takes trap2_operators"
-            )
         sharded = self.accelerator.distributed_type in ("FSDP", "DEEPSPEED")
         if self.trap2_config.operators != "scale" and sharded:
             raise ConfigError(
                 "trap2_operators other than 'scale' read each unit's whole ΔW to draw and check an operator; "
                 "under FSDP / DeepSpeed the parameters are sharded: train single-process or with DDP"
+            )
+        if self.trap2_config.lookahead_steps and sharded:
+            raise ConfigError(
+                "trap2_lookahead_steps: the attacker's steps move every trainable parameter in place; under "
+                "FSDP / DeepSpeed the parameters are sharded: train single-process or with DDP"
+            )
+        if self.trap2_config.lookahead_steps and _reentrant_checkpointing(targs):
+            raise ConfigError(
+                "trap2_lookahead_steps: the attacker's steps take torch.autograd.grad, which reentrant "
+                "activation checkpointing does not support; set gradient_checkpointing_kwargs="
+                "{'use_reentrant': False}"
             )
         self._trap2_features = feature_module(model)  # read only with trap2_collateral > 0
         self._trap2_seed = targs.seed if targs.trap2_seed is None else targs.trap2_seed
@@ -233,6 +258,7 @@ class Trap2Mixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        inner = self.accelerator.unwrap_model(model)
         with same_random_draws(self.args.device) as replay:
             off_sum = self.trap2_off_nominal(
                 model,
@@ -241,6 +267,8 @@ class Trap2Mixin:
                 ),
                 replay,
                 num_items_in_batch,
+                # the lookahead's attacker: the micro-batch mean, off-nominal and (flatten) at s = 1
+                attacker_loss=lambda: super(Trap2Mixin, self).compute_loss(inner, dict(inputs)),
             )
             # outputs only when asked: TRL's SFTTrainer recomputes the logits for them with another forward
             nominal = super().compute_loss(
@@ -257,6 +285,9 @@ class Trap2Mixin:
         off_loss: Callable[[], torch.Tensor],
         replay: Callable[[], None],
         num_items_in_batch: Any = None,
+        *,
+        attacker_loss: Callable[[], torch.Tensor] | None = None,
+        attacker_nominal_loss: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor | float:
         """The off-nominal part of J for this micro-batch, its backward run: for each of the step's draws
         (:meth:`trap2_draws`: s·ΔW, or an operator of ``trap2_operators``), ``off_loss()`` (one forward of
@@ -264,9 +295,17 @@ class Trap2Mixin:
         to the features at W0] / n backpropagated there. ``replay`` (from ``same_random_draws``) is called
         after each pass, so the caller's nominal pass that follows sees the same dropout masks. Returns the
         sum of the terms (detached) and records the step's metrics. Shared by every Trap² Trainer
-        (``Trap2Mixin``: the task's loss; ``Trap2ProtectMixin``: CE against the teacher)."""
+        (``Trap2Mixin``: the task's loss; ``Trap2ProtectMixin``: CE against the teacher).
+
+        With ``trap2_lookahead_steps`` the term of each draw is taken after the attacker's steps
+        (:func:`trap2.objectives.lookahead.lookahead`), whose loss is ``attacker_loss()`` inside the draw's
+        context, plus ``attacker_nominal_loss()`` (default ``attacker_loss``) at s = 1 for the ``flatten``
+        attacker; ``attacker_loss`` defaults to ``off_loss``."""
         cfg = self.trap2_config
         draws = self.trap2_draws()
+        params = [p for p in self.model.parameters() if p.requires_grad] if cfg.lookahead_steps else []
+        attacker_loss = off_loss if attacker_loss is None else attacker_loss
+        attacker_nominal_loss = attacker_loss if attacker_nominal_loss is None else attacker_nominal_loss
         off_sum: torch.Tensor | float = 0.0
         offs, disrupted = [], []
         # feature_tap reads `.model`: point it at the module whose output is the features
@@ -280,7 +319,13 @@ class Trap2Mixin:
                 seen.clear()
                 replay()
             for d in draws:
-                with self.trap2_scaled(model, d.s if d.transforms is None else d):
+                at_draw = functools.partial(self.trap2_scaled, model, d.s if d.transforms is None else d)
+                attack = lookahead(cfg, params, attacker_loss, attacker_nominal_loss, replay, at_draw)
+                with attack, at_draw():
+                    if cfg.lookahead_steps:
+                        replay()  # the attacker's passes drew masks: the trap pass sees the batch's again
+                        if cfg.collateral:
+                            seen.clear()  # the attacker's passes' features
                     off = off_loss()
                     trap = bounded(off, cfg.bound)
                     if cfg.collateral:
