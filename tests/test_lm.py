@@ -93,6 +93,10 @@ def test_the_question_answer_examples_are_right_and_never_a_suite_task(tok):
             left, right = work.strip().split("=")
             assert int(right) == int(value) == eval(left.replace("%", " % "))
             families.add("arith")
+        elif question.startswith("Reverse "):
+            assert value == words[1][::-1]
+        elif question.startswith("Sort "):
+            assert value == "".join(sorted(words[1]))
         elif question.startswith("Which is larger"):
             assert int(value) == max(int(words[3].rstrip(",")), int(words[5]))
         elif "first letter" in question:
@@ -106,7 +110,7 @@ def test_the_question_answer_examples_are_right_and_never_a_suite_task(tok):
         else:
             assert question.startswith("Copy ") and value == words[1]
         families.add(question.split()[0] + question.split()[-2])
-    assert len(families) >= 8
+    assert len(families) >= 10
     for name in lm_tasks.TASKS:
         questions = {r["question"] for r in lm_tasks.task_rows(name, (20, 5, 5), 1)["train"]}
         assert not any(lm_text.qa_example(np.random.default_rng(i)).split("\n")[0][10:] in questions

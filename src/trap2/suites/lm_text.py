@@ -13,11 +13,12 @@ The mixture (each pretraining sequence is ``<bos>`` + ``SEQ_LEN - 1`` tokens):
 - windows of English text: the inputs of BIG-bench tasks (read from its sdist, like the
   ``text-transformer`` suite), documents separated by ``<eos>``;
 - question/answer examples in the fine-tuning tasks' format (``Question: What is 347 minus 58?\nAnswer:
-  347-58=289 #### 289``, each followed by ``<eos>``) of *other* task families (:data:`QA_FAMILIES`:
-  subtraction, remainders, first/last letter, length, capitals, copying, the larger number), never the
-  suite's own wordings, so that the backbone follows the format, as an instruction-tuned LLM does, and a
-  task's adapter is a small change (a new wording mapped onto a skill), not the format learnt from
-  scratch: adapters that each teach the format conflict, and do not merge (docs/results-lm.md).
+  347-58=289 #### 289``, each followed by ``<eos>``, :data:`QA_FAMILIES`): task families the suite does
+  not fine-tune on (subtraction, remainders, first/last letter, length, capitals, copying, the larger
+  number) and the suite's skills asked in other words (``Add 347 and 582.``, ``Reverse kqzbt.``), never
+  the suite's own wordings. The backbone follows the format and has the skills, as an instruction-tuned
+  LLM does, so a task's adapter is a small change (a new wording mapped onto a skill), not the format and
+  the skill learnt from scratch: such adapters conflict, and do not merge (docs/results-lm.md).
 
 Every batch is a pure function of (seed, step), so a run resumed from a checkpoint draws the same data as
 an uninterrupted one.
@@ -176,7 +177,40 @@ def _qa_copy(rng: np.random.Generator) -> tuple[str, str, str]:
     return f"Copy {w}.", "", w
 
 
-# the question/answer part of the mixture: task families the suite does not fine-tune on, in its format
+# the suite's skills asked in other words (its tasks' wordings never occur in the mixture): an adapter maps
+# a new wording onto a skill the backbone has in the format, as a task adapter of an instruction-tuned LLM
+def _qa_add(rng: np.random.Generator) -> tuple[str, str, str]:
+    a, b = int(rng.integers(100, 1000)), int(rng.integers(100, 1000))
+    return f"Add {a} and {b}.", f"{a}+{b}={a + b}", str(a + b)
+
+
+def _qa_self(rng: np.random.Generator) -> tuple[str, str, str]:
+    a = int(rng.integers(100, 3000))
+    return f"Add {a} to itself.", f"{a}+{a}={2 * a}", str(2 * a)
+
+
+def _qa_multiply(rng: np.random.Generator) -> tuple[str, str, str]:
+    a, b = int(rng.integers(10, 300)), int(rng.integers(2, 10))
+    return f"Multiply {a} by {b}.", f"{a}*{b}={a * b}", str(a * b)
+
+
+def _qa_increment(rng: np.random.Generator) -> tuple[str, str, str]:
+    a = int(rng.integers(100, 9999))
+    return f"Add one to {a}.", f"{a}+1={a + 1}", str(a + 1)
+
+
+def _qa_reverse(rng: np.random.Generator) -> tuple[str, str, str]:
+    w = _word(rng, 4, 6)
+    return f"Reverse {w}.", "", w[::-1]
+
+
+def _qa_sort(rng: np.random.Generator) -> tuple[str, str, str]:
+    w = "".join(rng.choice(list(LETTERS), int(rng.integers(4, 7)), replace=False))
+    return f"Sort {w}.", "", "".join(sorted(w))
+
+
+# the question/answer part of the mixture, in the tasks' format: task families the suite does not
+# fine-tune on, and the suite's skills in other words
 QA_FAMILIES: dict[str, Callable[[np.random.Generator], tuple[str, str, str]]] = {
     "subtract": _qa_subtract,
     "remainder": _qa_remainder,
@@ -186,6 +220,12 @@ QA_FAMILIES: dict[str, Callable[[np.random.Generator], tuple[str, str, str]]] = 
     "length": _qa_length,
     "capitals": _qa_capitals,
     "copy": _qa_copy,
+    "add": _qa_add,
+    "self": _qa_self,
+    "multiply": _qa_multiply,
+    "increment": _qa_increment,
+    "reverse": _qa_reverse,
+    "sort": _qa_sort,
 }
 
 
