@@ -43,7 +43,7 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "n_val"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"pretrain {name} must be >= 1, got {getattr(self, name)}")
-        if not (0 <= self.english_share and 0 <= self.qa_share and self.english_share + self.qa_share <= 1):
+        if not (self.english_share >= 0 and self.qa_share >= 0 and self.english_share + self.qa_share <= 1):
             raise ConfigError(
                 f"pretrain english_share and qa_share must be >= 0 and sum to <= 1, got {self.english_share} "
                 f"and {self.qa_share}"
