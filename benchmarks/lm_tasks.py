@@ -1,6 +1,8 @@
 """The `lm` suite's tasks measured: zero-shot exact match of the pretrained backbone against its plain LoRA
 fine-tune (the suite's recipe, objective 'none'), and every task's adapter on every task (is the gain
-each task's own?).
+each task's own?), and the unprotected task-arithmetic merge of all of them, W0 + c·Σ ΔW_t with c searched
+on validation (the paper's grid, early-stopped): the suite measures protection only if that merge is
+well above zero-shot.
 
 Run:  python benchmarks/lm_tasks.py --cache runs/lm-bench/updates --out results/lm-tasks.json --threads 2
 The adapters are trained (or taken from --cache: the same folder `trap2 bench --suite lm --out
@@ -23,6 +25,7 @@ import torch  # noqa: E402
 
 
 def main() -> None:
+    from trap2.attacks.search import PAPER_GRID, search_coefficient
     from trap2.bench import BenchConfig
     from trap2.config import to_dict
     from trap2.eval.evaluate import accuracy, base_state
@@ -61,9 +64,23 @@ def main() -> None:
         a: {t: accuracy(backbone, suite.task(t), "test", apply_delta(w0, deltas[a])) for t in tasks}
         for a in tasks
     }
+    summed = {k: sum(deltas[t][k] for t in tasks) for k in deltas[tasks[0]]}
+
+    def merged(c: float) -> dict[str, torch.Tensor]:
+        return apply_delta(w0, {k: c * v for k, v in summed.items()})
+
+    def val_mean(c: float) -> float:
+        return sum(accuracy(backbone, suite.task(t), "val", merged(c)) for t in tasks) / len(tasks)
+
+    search = search_coefficient(val_mean, PAPER_GRID, patience=4)
+    ta = {t: accuracy(backbone, suite.task(t), "test", merged(search.coefficient)) for t in tasks}
     for t in tasks:
         print(f"{t:10s} zero-shot {100 * zero[t]:5.1f}  fine-tuned {100 * cross[t][t]:5.1f}  "
+              f"TA merge {100 * ta[t]:5.1f}  "
               f"others' adapters {' '.join(f'{100 * cross[a][t]:.0f}' for a in tasks if a != t)}")  # fmt: skip
+    print(
+        f"TA merge: c = {search.coefficient}, mean {100 * sum(ta.values()) / len(tasks):.1f} (val {search.score:.3f})"
+    )
     result = {
         **provenance("lm-tasks", time.perf_counter() - t0),
         "tasks": tasks,
@@ -72,6 +89,7 @@ def main() -> None:
         "zero_shot": zero,
         "fine_tuned": {t: cross[t][t] for t in tasks},
         "cross": cross,  # cross[adapter][task]
+        "ta_merge": {"c": search.coefficient, "val_mean": search.score, "tried": search.tried, "test": ta},
     }
     if args.out:
         write_json(args.out, result)

@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=defaults.steps, help="total optimizer steps")
     ap.add_argument("--seed", type=int, default=defaults.seed)
     ap.add_argument("--english-share", type=float, default=defaults.english_share)
+    ap.add_argument("--qa-share", type=float, default=defaults.qa_share)
     ap.add_argument("--minutes", type=float, default=None, help="training time of this call")
     ap.add_argument("--max-steps", type=int, default=None, help="steps of this call")
     ap.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
@@ -53,10 +54,12 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    cfg = PretrainConfig(steps=args.steps, seed=args.seed, english_share=args.english_share)
+    cfg = PretrainConfig(
+        steps=args.steps, seed=args.seed, english_share=args.english_share, qa_share=args.qa_share
+    )
     tok = make_tokenizer()
     english = english_documents(args.bigbench) if cfg.english_share > 0 else []
-    mixture = Mixture(tok, english, cfg.english_share, cfg.seed)
+    mixture = Mixture(tok, english, cfg.english_share, cfg.seed, qa_share=cfg.qa_share)
     ckpt = args.run / "checkpoint.pt"
     if args.resume and ckpt.is_file():
         state = resume(cfg, tok, ckpt)
@@ -84,6 +87,8 @@ def main() -> None:
                 str(cfg.seed),
                 "--english-share",
                 str(cfg.english_share),
+                "--qa-share",
+                str(cfg.qa_share),
             ]  # fmt: skip
         ),
         "config": asdict(cfg),

@@ -1,9 +1,11 @@
 """The offline causal-LM suite ``lm`` on a tiny config: the character tokenizer as saved and reloaded, the
-pretraining mixture (deterministic per step, free of the tasks' format), pretraining resumed from a
+pretraining mixture (deterministic per step; its question/answer part in the tasks' format, of other task
+families), pretraining resumed from a
 checkpoint equal to an uninterrupted run, the GSM8K-format tasks (right answers, readable by the math
 suite), the suite's encoding and metric, and the shipped backbone's record."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -52,15 +54,68 @@ def test_the_tokenizer_is_one_token_per_character_and_reloads(tiny_folder, tok):
     assert len(loaded) == len(lm_text.SPECIALS) + len(lm_text.CHARS) == 100
 
 
-def test_the_mixture_is_a_function_of_seed_and_step_and_holds_no_task_format(tok):
-    a, b = lm_text.Mixture(tok, ENGLISH, 0.5, 3), lm_text.Mixture(tok, ENGLISH, 0.5, 3)
+def test_the_mixture_is_a_function_of_seed_and_step_and_draws_every_part(tok):
+    a, b = (
+        lm_text.Mixture(tok, ENGLISH, 0.4, 3, qa_share=0.3),
+        lm_text.Mixture(tok, ENGLISH, 0.4, 3, qa_share=0.3),
+    )
     assert torch.equal(a.batch(5, 8), b.batch(5, 8)) and not torch.equal(a.batch(5, 8), a.batch(6, 8))
     assert torch.equal(a.validation(6), b.validation(6))
-    texts = [tok.decode(r, skip_special_tokens=True) for r in a.batch(0, 64)]
-    assert any("fox" in t for t in texts) and any("=" in t for t in texts)  # both parts drawn
-    assert not any("####" in t or "Question" in t or "Answer" in t for t in texts)
-    # the synthetic lines are right
+    rows = a.batch(0, 64)
+    texts = [tok.decode(r, skip_special_tokens=True) for r in rows]
+    assert any("fox" in t for t in texts) and any("=" in t and "Question" not in t for t in texts)
+    qa = [r for r in rows if tok.decode(r[1:10]) == "Question:"]
+    assert 10 <= len(qa) <= 30  # about 0.3 of 64
+    # a question/answer row is examples each closed by <eos>, exactly as the suite encodes a task example
+    first = qa[0][1:].tolist()
+    end = first.index(tok.eos_token_id)
+    assert re.fullmatch(r"Question: [^\n]+\nAnswer: [^\n]*#### \S+", tok.decode(first[:end]))
+    assert lm_text.Mixture(tok, ENGLISH, 0.5, 3).batch(0, 64).ne(a.batch(0, 64)).any()
+    with pytest.raises(Exception, match="sum to <= 1"):
+        lm_text.Mixture(tok, ENGLISH, 0.8, 3, qa_share=0.3)
+    with pytest.raises(ConfigError, match="sum to <= 1"):
+        lm_pretrain.PretrainConfig(english_share=0.8, qa_share=0.3)
+
+
+def test_the_question_answer_examples_are_right_and_never_a_suite_task(tok):
+    """The Q/A part teaches the format on other task families: no suite task's question or wording."""
     rng = np.random.default_rng(0)
+    suite_words = ("plus", "twice", "times", "comes after", "backwards", "in order")
+    families = set()
+    for _ in range(400):
+        ex = lm_text.qa_example(rng)
+        question = ex.split("\n")[0].removeprefix("Question: ")
+        work, value = ex.split("\nAnswer: ")[1].split("#### ")
+        assert ex.startswith("Question: ") and value == math_lm.final_answer(ex)
+        assert not any(w in question for w in suite_words)
+        words = question.rstrip("?.").split()
+        if work.strip():
+            left, right = work.strip().split("=")
+            assert int(right) == int(value) == eval(left.replace("%", " % "))
+            families.add("arith")
+        elif question.startswith("Reverse "):
+            assert value == words[1][::-1]
+        elif question.startswith("Sort "):
+            assert value == "".join(sorted(words[1]))
+        elif question.startswith("Which is larger"):
+            assert int(value) == max(int(words[3].rstrip(",")), int(words[5]))
+        elif "first letter" in question:
+            assert value == words[-1][0]
+        elif "last letter" in question:
+            assert value == words[-1][-1]
+        elif question.startswith("How many letters"):
+            assert int(value) == len(words[-1])
+        elif "capital" in question:
+            assert value == words[1].upper()
+        else:
+            assert question.startswith("Copy ") and value == words[1]
+        families.add(question.split()[0] + question.split()[-2])
+    assert len(families) >= 10
+    for name in lm_tasks.TASKS:
+        questions = {r["question"] for r in lm_tasks.task_rows(name, (20, 5, 5), 1)["train"]}
+        assert not any(lm_text.qa_example(np.random.default_rng(i)).split("\n")[0][10:] in questions
+                       for i in range(200))  # fmt: skip
+    # the symbolic lines are right
     for _ in range(200):
         line = lm_text.synthetic_line(rng)
         left, right = line.split("=")

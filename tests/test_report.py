@@ -202,6 +202,9 @@ def test_lm_results_render_their_tables():
     table = render_tables(tasks)["tasks"]
     assert "| `add` | 0.0 | 90.0 | +90.0 | 20.0 (`sort`) |" in table
     assert "| `sort` | 5.0 | 60.0 | +55.0 | 10.0 (`add`) |" in table
+    merged = render_tables({**tasks, "ta_merge": {"c": 0.4, "test": {"add": 0.5, "sort": 0.2}}})["tasks"]
+    assert "| `add` | 0.0 | 90.0 | +90.0 | 20.0 (`sort`) | 50.0 |" in merged
+    assert merged.splitlines()[-1] == "| mean | 2.5 | 75.0 |  |  | 35.0 |" and "TA merge (c = 0.4)" in merged
     cell = {"target": "add", "method": "ties", "knob": "lambda", "c": 0.5}
     merges = {
         "kind": "mergekit-cli",

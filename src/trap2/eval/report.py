@@ -464,17 +464,23 @@ def harden_tables(result: Mapping[str, Any]) -> Tables:
 
 @renderer("lm-tasks")
 def lm_tasks_tables(result: Mapping[str, Any]) -> Tables:
-    """``benchmarks/lm_tasks.py``: each task's zero-shot and plain-LoRA exact match, and the best score any
-    other task's adapter reaches on it (``cross[adapter][task]``)."""
+    """``benchmarks/lm_tasks.py``: each task's zero-shot and plain-LoRA exact match, the best score any
+    other task's adapter reaches on it (``cross[adapter][task]``), and, where measured, the unprotected
+    task-arithmetic merge of every task's adapter (its coefficient searched on validation) with a mean row."""
     tasks, cross = result["tasks"], result["cross"]
+    ta = result.get("ta_merge")
     rows = []
     for t in tasks:
         zs, ft = result["zero_shot"][t], result["fine_tuned"][t]
         other = max((a for a in tasks if a != t), key=lambda a: cross[a][t])
-        rows.append(
-            [f"`{t}`", pct(zs), pct(ft), f"{100 * (ft - zs):+.1f}", f"{pct(cross[other][t])} (`{other}`)"]
-        )
+        row = [f"`{t}`", pct(zs), pct(ft), f"{100 * (ft - zs):+.1f}", f"{pct(cross[other][t])} (`{other}`)"]
+        rows.append(row + ([pct(ta["test"][t])] if ta else []))
     head = ["task", "zero-shot", "plain LoRA", "gap (pp)", "best other task's adapter"]
+    if ta:
+        head.append(f"TA merge (c = {ta['c']:g})")
+        mean = lambda d: sum(d[t] for t in tasks) / len(tasks)  # noqa: E731
+        fine = mean(result["fine_tuned"])
+        rows.append(["mean", pct(mean(result["zero_shot"])), pct(fine), "", "", pct(mean(ta["test"]))])
     return {"tasks": _table(head, rows)}
 
 

@@ -57,7 +57,8 @@ RECIPES: dict[str, dict[str, object]] = {
         "warmup_steps": 20,
         "eval_every": 300,
         "checkpoint_every": 100,
-        "objective": {"lam": 0.01, "weight": "inv_sqrt"},  # results/lm-lambda.json: 0.03 costs 4 pp, 0.1 all
+        # λ measured on the previous backbone (docs/results-lm.md)
+        "objective": {"lam": 0.01, "weight": "inv_sqrt"},
     },
     "full": {
         "steps": 300,

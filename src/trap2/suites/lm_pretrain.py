@@ -31,7 +31,8 @@ class PretrainConfig:
     warmup_steps: int = help_field("linear warm-up steps before the cosine decay", 200)
     min_lr_ratio: float = help_field("the cosine decays to lr · this", 0.1)
     weight_decay: float = help_field("AdamW weight decay", 0.1)
-    english_share: float = help_field("fraction of sequences that are English windows", 0.4)
+    english_share: float = help_field("fraction of sequences that are English windows", 0.35)
+    qa_share: float = help_field("fraction of sequences that are question/answer examples", 0.25)
     n_val: int = help_field("validation sequences", 256)
     seed: int = help_field("model initialisation and data", 0)
     shape: dict = help_field(
@@ -42,8 +43,11 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "n_val"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"pretrain {name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.english_share <= 1:
-            raise ConfigError(f"pretrain english_share must be in [0, 1], got {self.english_share}")
+        if not (self.english_share >= 0 and self.qa_share >= 0 and self.english_share + self.qa_share <= 1):
+            raise ConfigError(
+                f"pretrain english_share and qa_share must be >= 0 and sum to <= 1, got {self.english_share} "
+                f"and {self.qa_share}"
+            )
         if not self.lr > 0 or self.warmup_steps < 0:
             raise ConfigError("pretrain lr must be > 0 and warmup_steps >= 0")
 

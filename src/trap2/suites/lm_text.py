@@ -7,12 +7,18 @@ The tokenizer is one token per character (``\\n`` and printable ASCII) plus ``<p
 
 The mixture (each pretraining sequence is ``<bos>`` + ``SEQ_LEN - 1`` tokens):
 
-- synthetic lines packed one after another (``\\n``-separated), in compact symbolic formats only:
+- synthetic lines packed one after another (``\\n``-separated), in compact symbolic formats:
   ``347+582=929``, ``58-347=-289``, ``47*86=4042``, ``347%9=5``, ``rev(kqzbt)=tbzqk``,
-  ``sort(dbca)=abcd``; the fine-tuning tasks' question/answer format (``Question: … Answer: #### …``,
-  words, ``####``) never occurs in it;
+  ``sort(dbca)=abcd``;
 - windows of English text: the inputs of BIG-bench tasks (read from its sdist, like the
-  ``text-transformer`` suite), documents separated by ``<eos>``.
+  ``text-transformer`` suite), documents separated by ``<eos>``;
+- question/answer examples in the fine-tuning tasks' format (``Question: What is 347 minus 58?\nAnswer:
+  347-58=289 #### 289``, each followed by ``<eos>``, :data:`QA_FAMILIES`): task families the suite does
+  not fine-tune on (subtraction, remainders, first/last letter, length, capitals, copying, the larger
+  number) and the suite's skills asked in other words (``Add 347 and 582.``, ``Reverse kqzbt.``), never
+  the suite's own wordings. The backbone follows the format and has the skills, as an instruction-tuned
+  LLM does, so a task's adapter is a small change (a new wording mapped onto a skill), not the format and
+  the skill learnt from scratch: such adapters conflict, and do not merge (docs/results-lm.md).
 
 Every batch is a pure function of (seed, step), so a run resumed from a checkpoint draws the same data as
 an uninterrupted one.
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import os
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +136,110 @@ def synthetic_text(rng: np.random.Generator, n_chars: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _qa_subtract(rng: np.random.Generator) -> tuple[str, str, str]:
+    a = int(rng.integers(100, 1000))
+    b = int(rng.integers(10, a + 1))
+    return f"What is {a} minus {b}?", f"{a}-{b}={a - b}", str(a - b)
+
+
+def _qa_remainder(rng: np.random.Generator) -> tuple[str, str, str]:
+    a, b = int(rng.integers(100, 10000)), int(rng.integers(2, 13))
+    return f"What is the remainder when {a} is divided by {b}?", f"{a}%{b}={a % b}", str(a % b)
+
+
+def _qa_larger(rng: np.random.Generator) -> tuple[str, str, str]:
+    a, b = (int(x) for x in rng.choice(10000, 2, replace=False))
+    return f"Which is larger, {a} or {b}?", "", str(max(a, b))
+
+
+def _qa_first(rng: np.random.Generator) -> tuple[str, str, str]:
+    w = _word(rng, 3, 8)
+    return f"What is the first letter of {w}?", "", w[0]
+
+
+def _qa_last(rng: np.random.Generator) -> tuple[str, str, str]:
+    w = _word(rng, 3, 8)
+    return f"What is the last letter of {w}?", "", w[-1]
+
+
+def _qa_length(rng: np.random.Generator) -> tuple[str, str, str]:
+    w = _word(rng, 2, 9)
+    return f"How many letters are in {w}?", "", str(len(w))
+
+
+def _qa_capitals(rng: np.random.Generator) -> tuple[str, str, str]:
+    w = _word(rng, 3, 7)
+    return f"Write {w} in capital letters.", "", w.upper()
+
+
+def _qa_copy(rng: np.random.Generator) -> tuple[str, str, str]:
+    w = _word(rng, 3, 7)
+    return f"Copy {w}.", "", w
+
+
+# the suite's skills asked in other words (its tasks' wordings never occur in the mixture): an adapter maps
+# a new wording onto a skill the backbone has in the format, as a task adapter of an instruction-tuned LLM
+def _qa_add(rng: np.random.Generator) -> tuple[str, str, str]:
+    a, b = int(rng.integers(100, 1000)), int(rng.integers(100, 1000))
+    return f"Add {a} and {b}.", f"{a}+{b}={a + b}", str(a + b)
+
+
+def _qa_self(rng: np.random.Generator) -> tuple[str, str, str]:
+    a = int(rng.integers(100, 3000))
+    return f"Add {a} to itself.", f"{a}+{a}={2 * a}", str(2 * a)
+
+
+def _qa_multiply(rng: np.random.Generator) -> tuple[str, str, str]:
+    a, b = int(rng.integers(10, 300)), int(rng.integers(2, 10))
+    return f"Multiply {a} by {b}.", f"{a}*{b}={a * b}", str(a * b)
+
+
+def _qa_increment(rng: np.random.Generator) -> tuple[str, str, str]:
+    a = int(rng.integers(100, 9999))
+    return f"Add one to {a}.", f"{a}+1={a + 1}", str(a + 1)
+
+
+def _qa_reverse(rng: np.random.Generator) -> tuple[str, str, str]:
+    w = _word(rng, 4, 6)
+    return f"Reverse {w}.", "", w[::-1]
+
+
+def _qa_sort(rng: np.random.Generator) -> tuple[str, str, str]:
+    w = "".join(rng.choice(list(LETTERS), int(rng.integers(4, 7)), replace=False))
+    return f"Sort {w}.", "", "".join(sorted(w))
+
+
+# the question/answer part of the mixture, in the tasks' format: task families the suite does not
+# fine-tune on, and the suite's skills in other words
+QA_FAMILIES: dict[str, Callable[[np.random.Generator], tuple[str, str, str]]] = {
+    "subtract": _qa_subtract,
+    "remainder": _qa_remainder,
+    "larger": _qa_larger,
+    "first": _qa_first,
+    "last": _qa_last,
+    "length": _qa_length,
+    "capitals": _qa_capitals,
+    "copy": _qa_copy,
+    "add": _qa_add,
+    "self": _qa_self,
+    "multiply": _qa_multiply,
+    "increment": _qa_increment,
+    "reverse": _qa_reverse,
+    "sort": _qa_sort,
+}
+
+
+def qa_example(rng: np.random.Generator) -> str:
+    """One question/answer example of :data:`QA_FAMILIES` as the suite encodes its tasks' examples:
+    ``Question: {question}\\nAnswer: {work} #### {value}`` (the ``<eos>`` after it is the caller's)."""
+    from trap2.suites.lm_tasks import answer_text
+    from trap2.suites.math_lm import PROMPT
+
+    families = list(QA_FAMILIES.values())
+    question, work, value = families[int(rng.integers(len(families)))](rng)
+    return PROMPT.format(question=question) + " " + answer_text(value, work)
+
+
 def english_documents(bigbench: str | os.PathLike[str] | None = None) -> list[str]:
     """The English documents of the mixture: every input of ``ENGLISH_TASKS`` (whitespace collapsed,
     ASCII only), in a fixed order."""
@@ -152,40 +262,57 @@ def english_documents(bigbench: str | os.PathLike[str] | None = None) -> list[st
 
 
 class Mixture:
-    """Pretraining sequences ``(B, SEQ_LEN)`` of token ids: synthetic lines with probability
-    ``1 - english_share``, else a window of the English stream (documents joined by ``<eos>``)."""
+    """Pretraining sequences ``(B, SEQ_LEN)`` of token ids: a window of the English stream (documents
+    joined by ``<eos>``) with probability ``english_share``, question/answer examples (each followed by
+    ``<eos>``) with probability ``qa_share``, else synthetic lines."""
 
     def __init__(
-        self, tok, english: Sequence[str], english_share: float, seed: int, seq_len: int = SEQ_LEN
+        self,
+        tok,
+        english: Sequence[str],
+        english_share: float,
+        seed: int,
+        seq_len: int = SEQ_LEN,
+        qa_share: float = 0.0,
     ) -> None:
         if english_share > 0 and not english:
             raise DataError("the mixture has an English share but no English documents")
-        self.tok, self.seed, self.seq_len, self.english_share = tok, seed, seq_len, english_share
+        if not (qa_share >= 0 and english_share + qa_share <= 1):
+            raise DataError(f"the mixture's shares must be >= 0 and sum to <= 1: english {english_share}, "
+                            f"qa {qa_share}")  # fmt: skip
+        self.tok, self.seed, self.seq_len = tok, seed, seq_len
+        self.english_share, self.qa_share = english_share, qa_share
+        self.table = np.full(256, self.tok.unk_token_id, np.int64)
+        for c in CHARS:
+            self.table[ord(c)] = self.tok.convert_tokens_to_ids(c)
+        self.table[0] = self.tok.eos_token_id  # the document separator below
         train = [d for i, d in enumerate(english) if i % VAL_EVERY]
         val = [d for i, d in enumerate(english) if i % VAL_EVERY == 0]
         self.streams = {"train": self._stream(train), "val": self._stream(val)}
 
+    def _encode(self, text: str) -> np.ndarray:
+        """Token ids of ``text``, ``\\0`` as ``<eos>`` (the tokenizer is one token per character, and this is
+        what it gives, 1,000× faster)."""
+        return self.table[np.frombuffer(text.encode("ascii", "replace"), np.uint8)]
+
     def _stream(self, docs: Sequence[str]) -> np.ndarray:
-        """The documents' token ids, each followed by ``<eos>`` (characters mapped through a table: the
-        tokenizer is one token per character, and this is what it gives, 1,000× faster)."""
-        if not docs:
-            return np.zeros(0, np.int64)
-        table = np.full(256, self.tok.unk_token_id, np.int64)
-        for c in CHARS:
-            table[ord(c)] = self.tok.convert_tokens_to_ids(c)
-        table[0] = self.tok.eos_token_id  # the separator below
-        text = "\0".join(docs) + "\0"
-        return table[np.frombuffer(text.encode("ascii", "replace"), np.uint8)]
+        """The documents' token ids, each followed by ``<eos>``."""
+        return self._encode("\0".join(docs) + "\0") if docs else np.zeros(0, np.int64)
 
     def _rows(self, rng: np.random.Generator, n: int, stream: np.ndarray) -> torch.Tensor:
         body = self.seq_len - 1
         rows = np.empty((n, self.seq_len), np.int64)
         rows[:, 0] = self.tok.bos_token_id
-        english = rng.random(n) < self.english_share
+        kind = rng.random(n)  # < english_share: English; then qa_share: question/answer; else synthetic
         for i in range(n):
-            if english[i] and len(stream) > body:
+            if kind[i] < self.english_share and len(stream) > body:
                 start = int(rng.integers(0, len(stream) - body))
                 rows[i, 1:] = stream[start : start + body]
+            elif self.english_share <= kind[i] < self.english_share + self.qa_share:
+                text = ""
+                while len(text) < body:
+                    text += qa_example(rng) + "\0"
+                rows[i, 1:] = self._encode(text[:body])
             else:
                 text = synthetic_text(rng, body)
                 rows[i, 1:] = self.tok(text, add_special_tokens=False)["input_ids"][:body]
@@ -196,5 +323,6 @@ class Mixture:
         return self._rows(np.random.default_rng([self.seed, step]), batch_size, self.streams["train"])
 
     def validation(self, n: int) -> torch.Tensor:
-        """A fixed validation set: held-out English documents and fresh synthetic lines."""
+        """A fixed validation set: held-out English documents, fresh question/answer examples and fresh
+        synthetic lines."""
         return self._rows(np.random.default_rng([self.seed, 1 << 40]), n, self.streams["val"])
