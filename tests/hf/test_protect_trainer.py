@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from test_trainer import Logits, args, digits_model, move_off_w0
+from test_trainer import Logits, args, digits_model, move_off_w0, train_recording
 
 from trap2.config import ObjectiveConfig
 from trap2.errors import ConfigError
@@ -409,17 +409,7 @@ def test_default_knobs_are_bit_identical_to_before(tmp_path, digits, monkeypatch
             train_dataset=unlabelled(digits),
             **knobs,
         )
-        losses = []
-        inner = trainer.compute_loss
-
-        def spy(*a, inner=inner, losses=losses, **kw):
-            j = inner(*a, **kw)
-            losses.append(j.detach().clone())
-            return j
-
-        monkeypatch.setattr(trainer, "compute_loss", spy)
-        trainer.train()
-        runs[cls] = losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        runs[cls] = train_recording(trainer, monkeypatch)
     (before, w_before), (after, w_after) = runs.values()
     assert len(before) == len(after) == 4
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), (before, after)

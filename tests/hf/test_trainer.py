@@ -171,25 +171,17 @@ def test_step_gradient_equals_library_objective(tmp_path, digits, mode, cfg):
         assert trainer._trap2_metrics["trap2_disruption"] == [pytest.approx(stats.disruption, rel=1e-5)]
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_collateral_on_a_plain_transformers_model_uses_the_last_hidden_state(tmp_path, mode):
-    """A model without a ``backbone`` (BertForSequenceClassification): the collateral features are its
-    base model's last hidden state, and the gradient equals the built-in loop's with that tap."""
+def tiny_bert_classifier(mode: str, dropout: float = 0.0):
+    """A tiny random BERT sequence classifier, LoRA (B ≠ 0) or fully trainable encoder, and a batch of 8."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
-        hidden_dropout_prob=0.0,  # the two paths run one after the other: no shared dropout masks
-        attention_probs_dropout_prob=0.0,
-    )
-    model = BertForSequenceClassification(cfg)
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=16, num_labels=3, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        )
+    )  # fmt: skip
     if mode == "lora":
         model = get_peft_model(
             model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
@@ -200,7 +192,30 @@ def test_collateral_on_a_plain_transformers_model_uses_the_last_hidden_state(tmp
     else:
         model.bert.requires_grad_(True)
         model.classifier.requires_grad_(False)
-    batch = {"input_ids": torch.randint(0, 50, (8, 6)), "labels": torch.arange(8) % 3}
+    return model, {"input_ids": torch.randint(0, 50, (8, 6)), "labels": torch.arange(8) % 3}
+
+
+def train_recording(trainer, monkeypatch) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Run ``trainer.train()``; return the loss of every ``compute_loss`` call and the trained weights."""
+    losses = []
+    inner = trainer.compute_loss
+
+    def spy(*a, **kw):
+        j = inner(*a, **kw)
+        losses.append(j.detach().clone())
+        return j
+
+    monkeypatch.setattr(trainer, "compute_loss", spy)
+    trainer.train()
+    model = trainer.model
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_collateral_on_a_plain_transformers_model_uses_the_last_hidden_state(tmp_path, mode):
+    """A model without a ``backbone`` (BertForSequenceClassification): the collateral features are its
+    base model's last hidden state, and the gradient equals the built-in loop's with that tap."""
+    model, batch = tiny_bert_classifier(mode)  # no dropout: the two paths run one after the other
 
     def view(m):
         hf = m.get_base_model() if mode == "lora" else m

@@ -13,7 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from test_trainer import Logits, args, digits_model, move_off_w0, step_gradients
+from test_trainer import (
+    Logits,
+    args,
+    digits_model,
+    move_off_w0,
+    step_gradients,
+    tiny_bert_classifier,
+    train_recording,
+)
 
 from trap2.config import ObjectiveConfig
 from trap2.errors import ConfigError
@@ -79,30 +87,6 @@ def test_step_gradient_with_lookahead_equals_the_library_objective(tmp_path, dig
     gap = max(float((with_lookahead[n] - without[n]).abs().max()) for n in without)
     scale = max(float(g.abs().max()) for g in without.values())
     assert gap > 1e-3 * scale, (gap, scale)
-
-
-def tiny_bert_classifier(mode: str, dropout: float = 0.0):
-    """A tiny random BERT sequence classifier, LoRA (B ≠ 0) or fully trainable encoder, and a batch of 8."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=16, num_labels=3, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-        )
-    )  # fmt: skip
-    if mode == "lora":
-        model = get_peft_model(
-            model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
-        )
-        for m in model.modules():
-            if hasattr(m, "lora_B"):
-                torch.nn.init.normal_(m.lora_B["default"].weight, std=0.5)
-    else:
-        model.bert.requires_grad_(True)
-        model.classifier.requires_grad_(False)
-    return model, {"input_ids": torch.randint(0, 50, (8, 6)), "labels": torch.arange(8) % 3}
 
 
 def by_hand(model, mode, w0, batch, cfg, s, rng):
@@ -340,17 +324,7 @@ def test_no_lookahead_is_bit_identical_to_before(tmp_path, digits, monkeypatch, 
             ),
             train_dataset=task_examples(digits.task("rot90")),
         )
-        losses = []
-        inner = trainer.compute_loss
-
-        def spy(*a, inner=inner, losses=losses, **kw):
-            j = inner(*a, **kw)
-            losses.append(j.detach().clone())
-            return j
-
-        monkeypatch.setattr(trainer, "compute_loss", spy)
-        trainer.train()
-        runs.append((losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
+        runs.append(train_recording(trainer, monkeypatch))
     (l_before, w_before), (l_now, w_now) = runs
     assert len(l_before) == len(l_now) == 3
     assert all(torch.equal(a, b) for a, b in zip(l_before, l_now, strict=True)), (l_before, l_now)
