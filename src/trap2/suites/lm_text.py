@@ -314,8 +314,7 @@ class Mixture:
                     text += qa_example(rng) + "\0"
                 rows[i, 1:] = self._encode(text[:body])
             else:
-                text = synthetic_text(rng, body)
-                rows[i, 1:] = self.tok(text, add_special_tokens=False)["input_ids"][:body]
+                rows[i, 1:] = self._encode(synthetic_text(rng, body)[:body])
         return torch.from_numpy(rows)
 
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
