@@ -489,7 +489,10 @@ def lm_lambda_tables(result: Mapping[str, Any]) -> Tables:
     """``benchmarks/lm_lambda.py``: the target's scaling curve, plain and protected with each λ."""
     head = ["update", *(f"s={s:g}" for s in result["scales"])]
     rows = [
-        ["plain" if r["lam"] is None else f"Trap² λ={r['lam']:g}", *(pct(a) for a in r["curve"])]
+        [
+            r.get("label") or ("plain" if r["lam"] is None else f"Trap² λ={r['lam']:g}"),
+            *(pct(a) for a in r["curve"]),
+        ]
         for r in result["rows"]
     ]
     return {"curves": _table(head, rows)}
