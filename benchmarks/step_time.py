@@ -17,6 +17,17 @@ whole step (how the step ran before it registered the tap only where collateral 
 objective runs now. Both run in child processes, side by side; on ``--device cuda`` the peak is
 ``torch.cuda.max_memory_allocated`` above the start, on CPU the peak RSS above the start.
   python benchmarks/step_time.py --part tap [--lm-batch 8 --lm-seq 128 --lm-vocab 32000] [--device cuda]
+
+Extensions (``--part extensions``): one optimizer step of plain fine-tuning (``none``) beside the paper's
+``trap2`` and ``trap2`` under each hardening extension alone (``law``, ``bound``, ``collateral``,
+``n_samples``, each operator, the operator family, the lookahead against each attacker), and the protect
+phase's ``trap2_distill`` step (against the model's own outputs at the start as the teacher's; with
+``off_every = 2, off_fraction = 0.5`` averaged over the steps, half of which are the teacher match alone:
+``--steps`` must then be even). The same model, batch and optimizer for all, LoRA and full fine-tuning,
+timed in interleaved rounds; median ms per step and the ratio to plain; ``--out`` writes the JSON
+(kind ``step-time-extensions``, rendered by ``trap2 report``).
+  flock /tmp/trap2-compute.lock env OMP_NUM_THREADS=2 python benchmarks/step_time.py --part extensions \
+      --steps 20 --rounds 5 --threads 2 --out results/step-time-extensions.json
 """
 
 from __future__ import annotations
@@ -25,11 +36,14 @@ import argparse
 import contextlib
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -42,9 +56,43 @@ HALVES = "none_halves"
 # per suite: (training batch, memory batch); the memory batch is large enough that activations, not
 # start-up, set the peak
 BATCHES = {"digits": (64, 4096), "vision-cnn": (32, 256)}
+# --part extensions: (variant, ObjectiveConfig fields, protect knobs); the paper is trap2's defaults and
+# each extension is one setting changed from it. The first variant is the plain step the others divide by.
+OPERATORS_ALONE = ("layer_scale", "trim", "drop", "spectral", "isotropic")
+FAMILY = "scale,layer_scale,trim,spectral"  # the family of docs/hardening.md's results
+EXTENSIONS: tuple[tuple[str, dict[str, Any], dict[str, Any] | None], ...] = (
+    ("none (plain)", {"name": "none"}, None),
+    ("trap2 (the paper)", {}, None),
+    ("law=log", {"law": "log"}, None),
+    ("bound=3", {"bound": 3.0}, None),
+    ("collateral=0.3", {"collateral": 0.3}, None),
+    ("n_samples=2", {"n_samples": 2}, None),
+    *((f"operators={op}", {"operators": op}, None) for op in OPERATORS_ALONE),
+    (f"operators={FAMILY}", {"operators": FAMILY}, None),
+    ("lookahead_steps=1, recover", {"lookahead_steps": 1, "lookahead_objective": "recover"}, None),
+    ("lookahead_steps=1, flatten", {"lookahead_steps": 1, "lookahead_objective": "flatten"}, None),
+    ("trap2_distill (protect)", {"name": "trap2_distill"}, None),
+    (
+        "trap2_distill, off_every=2, off_fraction=0.5",
+        {"name": "trap2_distill"},
+        {"off_every": 2, "off_fraction": 0.5},
+    ),
+)
 
 
-def make_step(mode: str, objective: str, batch: int, suite_name: str = "digits"):
+def make_step(
+    mode: str,
+    objective: str | Any,
+    batch: int,
+    suite_name: str = "digits",
+    protect: dict[str, Any] | None = None,
+) -> Callable[[], None]:
+    """One optimizer step (AdamW, clipping at 1) of ``objective`` on the suite's backbone + task head.
+
+    ``objective``: an ``ObjectiveConfig``, a registered name (its default settings) or ``HALVES``.
+    ``trap2_distill`` is the protect phase's step (``trap2.protect.protect_objective``; ``protect``: the
+    ``ProtectConfig`` knobs such as ``off_every``), trained against the model's own outputs at the start
+    as the teacher's."""
     from trap2.config import ObjectiveConfig, TrainConfig
     from trap2.objectives import get_objective
     from trap2.scaling import ScaledModel, base_params
@@ -52,6 +100,9 @@ def make_step(mode: str, objective: str, batch: int, suite_name: str = "digits")
     from trap2.suites.base import TaskModel
     from trap2.training.loop import wrap_lora
 
+    halved = objective == HALVES
+    if isinstance(objective, str):
+        objective = ObjectiveConfig(name="none" if halved else objective)
     suite = get_suite(suite_name)
     task = suite.task(suite.default_target)
     cfg = TrainConfig(mode=mode)
@@ -61,11 +112,18 @@ def make_step(mode: str, objective: str, batch: int, suite_name: str = "digits")
     scaled = ScaledModel(model, mode, base_params(model) if mode == "full" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    obj = get_objective(ObjectiveConfig(name="none" if objective == HALVES else objective))
     gen = torch.Generator().manual_seed(0)
     reps = -(-batch // len(task.train))
     x = task.train.x.repeat(reps, *[1] * (task.train.x.dim() - 1))[:batch]
     y = task.train.y.repeat(reps)[:batch]
+    if objective.name == "trap2_distill":
+        from trap2.protect import ProtectConfig, protect_objective, teacher_outputs
+
+        knobs = ProtectConfig(train=TrainConfig(mode=mode, objective=objective), **(protect or {}))
+        obj = protect_objective(knobs)
+        y = teacher_outputs(model, x)  # (N, C): the teacher's outputs, as the protect phase trains on
+    else:
+        obj = get_objective(objective)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -80,11 +138,12 @@ def make_step(mode: str, objective: str, batch: int, suite_name: str = "digits")
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
-    return halves if objective == HALVES else step
+    return halves if halved else step
 
 
-def timings(mode: str, steps: int, rounds: int, suite: str) -> dict[str, float]:
-    fns = {o: make_step(mode, o, BATCHES[suite][0], suite) for o in (*OBJECTIVES, HALVES)}
+def interleaved(fns: dict[str, Callable[[], None]], steps: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each step function, one value per round: each round runs ``steps`` calls of
+    every function in turn, so drift in the machine's speed hits each alike (after 5 warm-up calls)."""
     for fn in fns.values():  # warm-up
         for _ in range(5):
             fn()
@@ -95,7 +154,12 @@ def timings(mode: str, steps: int, rounds: int, suite: str) -> dict[str, float]:
             for _ in range(steps):
                 fn()
             per[o].append((time.perf_counter() - t0) / steps)
-    return {o: statistics.median(v) for o, v in per.items()}
+    return per
+
+
+def timings(mode: str, steps: int, rounds: int, suite: str) -> dict[str, float]:
+    fns = {o: make_step(mode, o, BATCHES[suite][0], suite) for o in (*OBJECTIVES, HALVES)}
+    return {o: statistics.median(v) for o, v in interleaved(fns, steps, rounds).items()}
 
 
 def _child(mode: str, objective: str, steps: int, suite: str) -> None:
@@ -198,13 +262,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--suite", choices=sorted(BATCHES), default="digits")
-    ap.add_argument("--part", choices=("all", "steps", "tap"), default="all")
+    ap.add_argument(
+        "--part", choices=("all", "steps", "tap", "extensions"), default="all", help="'all': steps and tap"
+    )
     ap.add_argument("--lm-batch", type=int, default=8)
     ap.add_argument("--lm-seq", type=int, default=128)
     ap.add_argument("--lm-vocab", type=int, default=32000)
     ap.add_argument("--device", default="cpu", help="device of the feature-tap measurement")
+    ap.add_argument("--out", type=Path, help="--part extensions: write the result JSON here")
     args = ap.parse_args()
+    if args.part == "extensions" and args.steps % 2:
+        ap.error("--part extensions: --steps must be even (off_every=2 times whole cycles)")
+    if args.out is not None and args.part != "extensions":
+        ap.error("--out is written by --part extensions")
     torch.set_num_threads(args.threads)
+    if args.part == "extensions":
+        extension_table(args)
     if args.part in ("all", "steps"):
         step_table(args)
     if args.part in ("all", "tap"):
@@ -234,6 +307,56 @@ def step_table(args: argparse.Namespace) -> None:
             ratio_m = mem[o] / mem["none"] if mem["none"] > 0 else float("nan")
             print(f"{mode:6} {o:12} {1000 * t[o]:8.2f} {t[o] / t['none']:8.2f} {mem[o]:15.1f} {ratio_m:8.2f}")
         print(f"{mode:6} {HALVES:12} {1000 * t[HALVES]:8.2f} {t[HALVES] / t['none']:8.2f}   (reference)")
+
+
+def extensions(suite: str, steps: int, rounds: int) -> dict[str, dict[str, Any]]:
+    """{mode: {"step_seconds": {variant: median}, "step_seconds_rounds": {variant: [per round]}}} of every
+    variant of ``EXTENSIONS``, LoRA and full fine-tuning."""
+    from trap2.config import ObjectiveConfig
+
+    out = {}
+    for mode in ("lora", "full"):
+        fns = {
+            name: make_step(mode, ObjectiveConfig(**fields), BATCHES[suite][0], suite, protect)
+            for name, fields, protect in EXTENSIONS
+        }
+        per = interleaved(fns, steps, rounds)
+        out[mode] = {
+            "step_seconds": {o: statistics.median(v) for o, v in per.items()},
+            "step_seconds_rounds": per,
+        }
+    return out
+
+
+def extension_table(args: argparse.Namespace) -> None:
+    from trap2.eval.report import provenance, render
+    from trap2.io import write_json
+
+    t0 = time.perf_counter()
+    plain = EXTENSIONS[0][0]
+    result = {
+        "suite": args.suite,
+        "batch": BATCHES[args.suite][0],
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "plain": plain,
+        "variants": [
+            {"variant": n, "objective": {"name": "trap2", **f}, "protect": p} for n, f, p in EXTENSIONS
+        ],
+        "modes": extensions(args.suite, args.steps, args.rounds),
+    }
+    result = {
+        **provenance("step-time-extensions", time.perf_counter() - t0),
+        "command": shlex.join(["python", "benchmarks/step_time.py", *sys.argv[1:]]),
+        **result,
+    }
+    print(
+        f"{args.suite} backbone, batch {result['batch']}, {args.threads} thread(s); "
+        f"median of {args.rounds} interleaved rounds of {args.steps} steps"
+    )
+    print(render(result), end="")
+    if args.out is not None:
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from trap2.eval.evaluate import base_state, scaling_curve
 from trap2.objectives import get_objective, operators
 from trap2.objectives.operators import OPERATORS, draw_operators
 from trap2.objectives.self_distill import SelfDistillObjective, distill_loss, teacher_ce
-from trap2.protect import ProtectConfig, protect_update, trap_steps, update_fingerprint
+from trap2.protect import ProtectConfig, protect_objective, protect_update, trap_steps, update_fingerprint
 from trap2.scaling import ScaledModel
 from trap2.training import train_update
 from trap2.updates import load_update
@@ -150,6 +150,19 @@ def test_repair_steps_are_the_teacher_match_alone(tiny_net):
         ProtectConfig(repair=1.0)
     with pytest.raises(ConfigError, match="apply to targets='teacher'"):
         ProtectConfig(targets="labels", repair=0.5)
+
+
+def test_protect_objective_carries_the_phase_knobs():
+    """The protect run's objective (also what benchmarks/step_time.py times): trap2_distill with the
+    phase's knobs, or the labelled trap2."""
+    cfg = ProtectConfig(off_every=2, off_fraction=0.5, repair=0.25, temperature=2.0, match="mse")
+    obj = protect_objective(cfg)
+    assert isinstance(obj, SelfDistillObjective) and obj.cfg == cfg.train.objective
+    assert (obj.off_every, obj.off_fraction, obj.trap_steps) == (2, 0.5, trap_steps(cfg)) == (2, 0.5, 75)
+    assert (obj.temperature, obj.match) == (2.0, "mse")
+    assert [obj.traps(k) for k in range(1, 5)] == [False, True, False, True]
+    labels = protect_objective(ProtectConfig(targets="labels"))
+    assert type(labels).__name__ == "Trap2Objective" and labels.cfg.name == "trap2"
 
 
 def test_labels_are_refused_as_teacher_outputs(tiny_net):

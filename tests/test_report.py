@@ -238,3 +238,24 @@ def test_protect_sweep_renderer_shows_the_named_rows():
         RENDERERS["protect-sweep"](result)["rows"].splitlines()[3]
         == "| `b` | 50.0 | 50.0 | 30.0 / 40.0 | – |"
     )
+
+
+def test_step_time_extensions_renders_ms_and_the_ratio_to_plain():
+    from trap2.eval.report import render
+
+    result = {
+        "kind": "step-time-extensions",
+        "plain": "none",
+        "variants": [{"variant": "none"}, {"variant": "trap2"}, {"variant": "n_samples=2"}],
+        "modes": {
+            "lora": {"step_seconds": {"none": 0.010, "trap2": 0.025, "n_samples=2": 0.0351}},
+            "full": {"step_seconds": {"none": 0.020, "trap2": 0.030}},  # n_samples=2 not timed here
+        },
+    }
+    assert render(result).splitlines() == [
+        "| variant | LoRA ms | LoRA × plain | full ms | full × plain |",
+        "|---|---|---|---|---|",
+        "| `none` | 10.0 | 1.00× | 20.0 | 1.00× |",
+        "| `trap2` | 25.0 | 2.50× | 30.0 | 1.50× |",
+        "| `n_samples=2` | 35.1 | 3.51× | – | – |",
+    ]

@@ -28,7 +28,7 @@ from trap2.config import ObjectiveConfig, TrainConfig, help_field
 from trap2.errors import ConfigError, DataError, UpdateFileError
 from trap2.eval.evaluate import base_state
 from trap2.io import load_tensors
-from trap2.objectives import get_objective
+from trap2.objectives import Objective, get_objective
 from trap2.objectives.self_distill import MATCHES, SelfDistillObjective
 from trap2.scaling import base_params
 from trap2.suites.base import Split, Suite, Task, TaskModel
@@ -122,6 +122,17 @@ def trap_steps(cfg: ProtectConfig, steps: int | None = None) -> int | None:
     the run's length (default ``cfg.train.steps``; ``Trap2ProtectTrainer`` passes its ``max_steps``)."""
     steps = cfg.train.steps if steps is None else steps
     return round(steps * (1 - cfg.repair)) if cfg.repair else None
+
+
+def protect_objective(cfg: ProtectConfig) -> Objective:
+    """The protect run's objective: ``trap2_distill`` with the phase's match, temperature, off_fraction,
+    off_every and repair steps (targets='teacher'; ``y`` is then the teacher's outputs), or the labelled
+    ``trap2`` (targets='labels')."""
+    if cfg.targets == "teacher":
+        return SelfDistillObjective(
+            cfg.train.objective, cfg.match, cfg.temperature, cfg.off_fraction, cfg.off_every, trap_steps(cfg)
+        )
+    return get_objective(cfg.train.objective)
 
 
 def protect_settings(cfg: ProtectConfig) -> dict[str, Any]:
@@ -345,14 +356,8 @@ def prepare_protect(
     if cfg.targets == "teacher" and len(x) > seen:  # the teacher runs on the inputs the run sees
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(train.seed))[:seen]]
     teacher = teacher_outputs(model, x)  # (N, C), frozen
-    if cfg.targets == "teacher":
-        run_task = dataclasses.replace(t, train=Split(x, teacher))
-        objective = SelfDistillObjective(
-            train.objective, cfg.match, cfg.temperature, cfg.off_fraction, cfg.off_every, trap_steps(cfg)
-        )
-    else:
-        run_task, objective = t, get_objective(train.objective)
-    run = _run_for(train, run_task, objective, device, model, w0)
+    run_task = dataclasses.replace(t, train=Split(x, teacher)) if cfg.targets == "teacher" else t
+    run = _run_for(train, run_task, protect_objective(cfg), device, model, w0)
     recorded = {"fingerprint": update_fingerprint(update), "meta": dict(update.meta)}
     return ProtectRun(run, t, int(len(x)), teacher_outputs(model, t.test.x), recorded)
 

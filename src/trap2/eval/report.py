@@ -578,6 +578,23 @@ def demo_time_tables(result: Mapping[str, Any]) -> Tables:
     return {"total": total, "stages": stages}
 
 
+@renderer("step-time-extensions")
+def step_time_extensions_tables(result: Mapping[str, Any]) -> Tables:
+    """``benchmarks/step_time.py --part extensions``: the median time of one optimizer step of each variant
+    (the paper's objective, each hardening extension, the protect phase's step) and its ratio to the plain
+    step (``result['plain']``), LoRA and full fine-tuning."""
+    plain = result["plain"]
+    rows = []
+    for v in result["variants"]:
+        name, cells = v["variant"], [f"`{v['variant']}`"]
+        for mode in ("lora", "full"):
+            sec = result["modes"].get(mode, {}).get("step_seconds", {})
+            t, t0 = sec.get(name), sec.get(plain)
+            cells += ["–", "–"] if t is None or not t0 else [f"{1000 * t:.1f}", f"{t / t0:.2f}×"]
+        rows.append(cells)
+    return {"steps": _table(["variant", "LoRA ms", "LoRA × plain", "full ms", "full × plain"], rows)}
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     from trap2.eval.threats import distill_lines, grid_lines  # the threats part (docs/threats.md)
 
