@@ -111,8 +111,8 @@ def main() -> None:
         specs = [(f"lam={v}", {"lam": float(v)}, None) for v in args.lams.split(",")]
     for spec, overrides, steps in specs:
         cfg = dataclasses.replace(recipe, objective=dataclasses.replace(recipe.objective, **overrides))
-        if steps is not None:
-            cfg = dataclasses.replace(cfg, protect_steps=steps)
+        if steps is not None:  # as many as plain: no protect_steps (the same cache entry as before)
+            cfg = dataclasses.replace(cfg, protect_steps=None if steps == cfg.steps else steps)
         plain_row(cfg.run_steps)
         t1, cached = time.perf_counter(), update_cache_folder(suite, args.target, cfg, args.cache).is_dir()
         update = trained_update(suite, args.target, cfg, args.cache).dense()

@@ -220,6 +220,9 @@ def test_lm_results_render_their_tables():
     lam = {"kind": "lm-lambda", "scales": [0.5, 1.0], "rows": [{"lam": None, "curve": [0.8, 0.9]},
                                                                  {"lam": 0.1, "curve": [0.0, 0.88]}]}  # fmt: skip
     assert render_tables(lam)["curves"].splitlines()[-1] == "| Trap² λ=0.1 | 0.0 | 88.0 |"
+    # rows of `--variants` carry their own label (the spec), shown instead of λ
+    lam["rows"].append({"lam": 0.1, "label": "Trap² lam=0.1,law=log", "curve": [0.0, 0.9]})
+    assert render_tables(lam)["curves"].splitlines()[-1] == "| Trap² lam=0.1,law=log | 0.0 | 90.0 |"
 
 
 def test_protect_sweep_renderer_shows_the_named_rows():
