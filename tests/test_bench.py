@@ -166,3 +166,31 @@ def test_a_task_subset_is_the_pool_and_cells_are_keyed_by_their_pool(digits):
         changed = dataclasses.replace(digits, tasks={**digits.tasks, "flip": relabelled})
         assert _cell_key(changed, demo) != _cell_key(digits, demo), split
     assert _cell_key(dataclasses.replace(digits, tasks=dict(digits.tasks)), demo) == _cell_key(digits, demo)
+
+
+def test_bench_tables_show_the_merged_mean_and_the_protected_tasks_own_accuracy():
+    from trap2.bench import bench_mode_tables
+
+    cell = {
+        "mode": "lora",
+        "target": "add",
+        "zero_shot": {"add": 0.0, "mean": 0.1},
+        "fine_tuned": {"add": 0.9, "mean": 0.8},
+        "protected": 0.88,
+        "acc_s0.5": 0.0,
+        "acc_s2": 0.01,
+        "merges": {
+            "ta": {"unprotected": {"mean": 0.3, "target": 0.675}, "protected": {"mean": 0.05, "target": 0.0}},
+            "ties": {"unprotected": {"mean": 0.28, "target": 0.61}},  # its protected cell not finished
+        },
+    }
+    tables = bench_mode_tables({"config": {"modes": ["lora", "full"]}, "cells": [cell]})
+    assert set(tables) == {"lora", "lora-target"}
+    assert (
+        tables["lora"].splitlines()[-1] == "| add | 0.0 | 90.0 | 88.0 | 0.0 | 1.0 | 30.0 → 5.0 | 28.0 → – |"
+    )
+    assert tables["lora-target"].splitlines() == [
+        "| protected task | zero-shot | ta | ties |",
+        "|---|---|---|---|",
+        "| add | 0.0 | 67.5 → 0.0 | 61.0 → – |",
+    ]

@@ -263,10 +263,29 @@ def bench_mode_tables(summary: Mapping[str, Any]) -> dict[str, str]:
                 )
             lines.append("| " + " | ".join(row) + " |")
         tables[mode] = "\n".join(lines)
+        tables[f"{mode}-target"] = _target_table(cells, methods)
         for c in cells:
             if c.get("threats"):
                 tables[f"{mode}-{c['target']}-threats"] = "\n".join(ln for ln in c["threats"][2:] if ln)
     return tables
+
+
+def _target_table(cells: list[Mapping[str, Any]], methods: list[str]) -> str:
+    """A row per protected target: its own accuracy in each merge, unprotected → protected, beside its
+    zero-shot accuracy (denial: the protected pool should leave it there)."""
+    head = ["protected task", "zero-shot", *methods]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cells:
+        t = c["target"]
+        row = [t, pct(c["zero_shot"][t])]
+        for m in methods:
+            pair = c["merges"].get(m, {})
+            row.append(
+                f"{pct(pair.get('unprotected', {}).get('target'))} → "
+                f"{pct(pair.get('protected', {}).get('target'))}"
+            )
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def bench_markdown(summary: Mapping[str, Any]) -> str:
@@ -292,6 +311,8 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
             )
         )
         lines += ["", tables[mode]]
+        lines += ["", "The protected task's own accuracy in each merge, unprotected → protected:", ""]
+        lines += [tables[f"{mode}-target"]]
         for c in cells:
             if c.get("threats"):
                 lines += ["", f"### {mode}, `{c['target']}` protected: stronger threats", ""]
