@@ -109,6 +109,7 @@ def main() -> None:
     backbone = suite.make_backbone()
     w0 = base_state(backbone)
     lm = load_lm()
+    full_w0 = {k: v.clone() for k, v in lm.state_dict().items()}  # norms, embeddings, head: W0's
     grid = [float(c) for c in args.grid.split(",")]
     cells = []
     with tempfile.TemporaryDirectory(prefix="trap2-mergekit-") as tmp:
@@ -119,7 +120,7 @@ def main() -> None:
             """W0 + ΔW of the update as a model folder (written once)."""
             if name not in folders:
                 delta = load_update(update_path).dense()
-                lm.load_state_dict(apply_delta(w0, delta))
+                lm.load_state_dict({**full_w0, **apply_delta(w0, delta)})
                 lm.save_pretrained(work / name)
                 folders[name] = work / name
             return folders[name]
