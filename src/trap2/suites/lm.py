@@ -59,7 +59,7 @@ RECIPES: dict[str, dict[str, object]] = {
         "checkpoint_every": 100,
         # measured on `add` (results/lm-lambda.json): the paper's uniform law left s < 1 working at any λ
         # (λ 0.1: 66-81 % at s = 0.25-0.9); log-uniform s with the off-nominal loss capped at τ = 1 collapses
-        # every scale off the δ band; at 300 steps that cost 6.5 pp at s = 1, at 600 steps 1 pp against a
+        # every scale off the δ band; at 300 steps that cost 6.5 pp at s = 1, at 600 steps 1.5 pp against a
         # plain run of 600
         "protect_steps": 600,
         "objective": {"lam": 0.1, "weight": "inv_sqrt", "law": "log", "bound": 1.0},
