@@ -28,7 +28,7 @@ from trap2.attacks.context import update_key
 from trap2.config import TrainConfig, config_hash, from_dict, help_field, to_dict
 from trap2.errors import ConfigError
 from trap2.eval.evaluate import base_state
-from trap2.eval.report import pct, provenance
+from trap2.eval.report import _table, pct, provenance
 from trap2.eval.threats import threats_lines
 from trap2.io import write_json, write_text
 from trap2.pipeline import CURVE_SCALES, DemoConfig, evaluate_protection, trained_pool
@@ -240,8 +240,18 @@ def _summary(mode: str, report: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _merges(cell: Mapping[str, Any], methods: list[str], key: str) -> list[str]:
+    """Each method's merged ``key`` ('mean' or 'target') in a bench cell, unprotected → protected."""
+    pairs = [cell["merges"].get(m, {}) for m in methods]
+    return [
+        f"{pct(p.get('unprotected', {}).get(key))} → {pct(p.get('protected', {}).get(key))}" for p in pairs
+    ]
+
+
 def bench_mode_tables(summary: Mapping[str, Any]) -> dict[str, str]:
-    """{mode: its table}: a row per protected target, merged means unprotected → protected; and
+    """{mode: its table}: a row per protected target, merged means unprotected → protected;
+    ``<mode>-target``: the protected task's own accuracy in each merge, unprotected → protected, beside its
+    zero-shot accuracy (denial: the protected pool should leave it there); and
     ``<mode>-<target>-threats`` for each cell with stronger threats."""
     tables: dict[str, str] = {}
     for mode in summary["config"]["modes"]:
@@ -251,41 +261,18 @@ def bench_mode_tables(summary: Mapping[str, Any]) -> dict[str, str]:
         methods = list(dict.fromkeys(m for c in cells for m in c["merges"]))
         zs, ft = cells[0]["zero_shot"], cells[0]["fine_tuned"]
         head = ["protected task", "zero-shot", "fine-tuned", "Trap²", "s=0.5", "s=2", *methods]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for c in cells:
-            t = c["target"]
-            row = [t, pct(zs[t]), pct(ft[t]), pct(c["protected"]), pct(c["acc_s0.5"]), pct(c["acc_s2"])]
-            for m in methods:
-                pair = c["merges"].get(m, {})
-                row.append(
-                    f"{pct(pair.get('unprotected', {}).get('mean'))} → "
-                    f"{pct(pair.get('protected', {}).get('mean'))}"
-                )
-            lines.append("| " + " | ".join(row) + " |")
-        tables[mode] = "\n".join(lines)
-        tables[f"{mode}-target"] = _target_table(cells, methods)
+        rows = [
+            [c["target"], pct(zs[c["target"]]), pct(ft[c["target"]]), pct(c["protected"]), pct(c["acc_s0.5"]),
+             pct(c["acc_s2"]), *_merges(c, methods, "mean")]
+            for c in cells
+        ]  # fmt: skip
+        tables[mode] = _table(head, rows)
+        rows = [[c["target"], pct(zs[c["target"]]), *_merges(c, methods, "target")] for c in cells]
+        tables[f"{mode}-target"] = _table(["protected task", "zero-shot", *methods], rows)
         for c in cells:
             if c.get("threats"):
                 tables[f"{mode}-{c['target']}-threats"] = "\n".join(ln for ln in c["threats"][2:] if ln)
     return tables
-
-
-def _target_table(cells: list[Mapping[str, Any]], methods: list[str]) -> str:
-    """A row per protected target: its own accuracy in each merge, unprotected → protected, beside its
-    zero-shot accuracy (denial: the protected pool should leave it there)."""
-    head = ["protected task", "zero-shot", *methods]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c in cells:
-        t = c["target"]
-        row = [t, pct(c["zero_shot"][t])]
-        for m in methods:
-            pair = c["merges"].get(m, {})
-            row.append(
-                f"{pct(pair.get('unprotected', {}).get('target'))} → "
-                f"{pct(pair.get('protected', {}).get('target'))}"
-            )
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
 
 
 def bench_markdown(summary: Mapping[str, Any]) -> str:
