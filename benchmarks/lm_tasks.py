@@ -70,10 +70,12 @@ def main() -> None:
         return apply_delta(w0, {k: c * v for k, v in summed.items()})
 
     def val_mean(c: float) -> float:
-        return sum(accuracy(backbone, suite.task(t), "val", merged(c)) for t in tasks) / len(tasks)
+        params = merged(c)
+        return sum(accuracy(backbone, suite.task(t), "val", params) for t in tasks) / len(tasks)
 
     search = search_coefficient(val_mean, PAPER_GRID, patience=4)
-    ta = {t: accuracy(backbone, suite.task(t), "test", merged(search.coefficient)) for t in tasks}
+    params = merged(search.coefficient)
+    ta = {t: accuracy(backbone, suite.task(t), "test", params) for t in tasks}
     for t in tasks:
         print(f"{t:10s} zero-shot {100 * zero[t]:5.1f}  fine-tuned {100 * cross[t][t]:5.1f}  "
               f"TA merge {100 * ta[t]:5.1f}  "
