@@ -9,7 +9,7 @@ acc(s), and the training wall time over 600 plain steps timed in the same proces
 T (temperature), bound, delta, law, weight, coll (collateral μ), s_min, s_max, seed, bs (batch), warm,
 cut (the off-nominal term in the first cut·steps only: ``ProtectConfig.repair`` = 1 − cut), frac
 (``off_fraction``), every (``off_every``), and variants that are not package knobs, tried and not adopted:
-sched (ramp | decay | late: λ over the run), rank (extra LoRA rank, new B = 0), margin / m (a hinge on the
+aug (K mixed-up copies of the inputs beside them, for the teacher to label), sched (ramp | decay | late: λ over the run), rank (extra LoRA rank, new B = 0), margin / m (a hinge on the
 teacher class's logit margin at s = 1), off=hinge / moff (a hinge instead of CE off scale).
 The trap step here is written out (no dropout replay: digits' LoRA has none); the package's is
 ``Trap2Objective.backward`` through ``SelfDistillObjective``.
@@ -58,6 +58,17 @@ def pad_rank(update: Update, extra: int, seed: int = 0) -> Update:
             d.fan_in_fan_out,
         )
     return Update(deltas, dict(update.meta), None)
+
+
+def mixup_inputs(x: torch.Tensor, copies: int, seed: int = 0) -> torch.Tensor:
+    """The inputs and ``copies`` mixed copies: each x_i mixed with a random x_j, weight m ~ U(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    out = [x]
+    for _ in range(copies):
+        j = torch.randperm(len(x), generator=g)
+        m = torch.rand(len(x), *([1] * (x.dim() - 1)), generator=g)
+        out.append(m * x + (1 - m) * x[j])
+    return torch.cat(out)
 
 
 def margin_of(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -181,7 +192,8 @@ def run_one(suite, orig, sp, plain_s):
     cfg = ProtectConfig(train=train, temperature=sp.get("T", 1.0))
     update = pad_rank(orig, sp["rank"]) if sp.get("rank") else orig
     t0 = time.perf_counter()
-    p = prepare_protect(suite, update, cfg, force=True)
+    inputs = mixup_inputs(suite.task("rot90").train.x, sp["aug"], sp.get("seed", 0)) if sp.get("aug") else None
+    p = prepare_protect(suite, update, cfg, inputs=inputs, force=True)
     p.run.objective = Exp(p.run.cfg.objective, sp.get("T", 1.0), sp, steps)
     t1 = time.perf_counter()
     for step in range(1, steps + 1):
