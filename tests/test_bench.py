@@ -121,6 +121,11 @@ def test_an_interrupted_training_run_resumes_to_the_same_update(tmp_path, digits
 
 def test_bench_config_recipes_and_errors(digits):
     assert BenchConfig().train_config(digits, "full") == TrainConfig(mode="full")
+    # LoRA: the log law, the cap and collateral over the defaults (results/digits-bench-recipe.json)
+    lora = BenchConfig().train_config(digits, "lora")
+    want = ObjectiveConfig(lam=0.3, law="log", bound=10.0, collateral=1.0)
+    assert lora == TrainConfig(mode="lora", objective=want)
+    assert lora.run_steps == lora.plain().run_steps == 600
     custom = dataclasses.replace(digits, recipes={"full": {"lr": 3e-4, "objective": {"lam": 0.2}}})
     cfg = BenchConfig().train_config(custom, "full")
     assert (

@@ -54,6 +54,13 @@ TASKS: dict[str, tuple[Transform, LabelMap, int, str]] = {
     "mod3": (lambda x: torch.flip(x, (1,)), lambda y: y % 3, 3, "digit mod 3, image flipped top-bottom"),
 }
 DEFAULT_TARGET = "rot90"
+# ``trap2 bench``'s LoRA recipe over the TrainConfig defaults (600 steps, like plain), chosen with every
+# task protected in turn (results/digits-bench-*.json, docs/hardening.md): s drawn log-uniformly, the
+# off-nominal loss capped at τ = 10 and collateral μ = 1. Against the paper's objective (λ 0.1, s uniform)
+# it keeps 1 pp more standalone accuracy on average (93.96 against 92.92; plain 96.42) and lowers the worst
+# merge of every task that gains from fine-tuning; TA, TIES and TSV land 12–41 pp below the zero-shot mean
+# (the paper: from 12 below to 0.3 above), CART 0.1–3.8 pp below (the paper: from 1.1 below to 1.0 above).
+LORA_RECIPE: dict[str, object] = {"objective": {"lam": 0.3, "law": "log", "bound": 10.0, "collateral": 1.0}}
 
 
 def load_digit_splits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -114,7 +121,7 @@ def build_suite() -> Suite:
             "data": "sklearn.datasets.load_digits",
             "n_heads": backbone.cfg.heads,
         },
-        recipes={"lora": {}, "full": {}},  # the TrainConfig defaults were tuned on this suite
+        recipes={"lora": LORA_RECIPE, "full": {}},  # full: the TrainConfig defaults were tuned on this suite
     )
 
 
