@@ -262,3 +262,18 @@ def test_step_time_extensions_renders_ms_and_the_ratio_to_plain():
         "| `trap2` | 25.0 | 2.50× | 30.0 | 1.50× |",
         "| `n_samples=2` | 35.1 | 3.51× | – | – |",
     ]
+
+
+def test_scaling_curves_renders_one_row_per_update_with_its_protect_settings():
+    from trap2.eval.report import RENDERERS
+
+    rows = [
+        {"update": "a", "objective": None, "protect": None, "curve": [0.5, 0.9]},
+        {"update": "b", "objective": {"lam": 2.0}, "lr": 3e-3, "curve": [0.1, 0.8],
+         "protect": {"steps": 60, "repair": 0.5, "temperature": 4.0, "agreement_test": 0.954}},
+    ]  # fmt: skip
+    table = RENDERERS["scaling-curves"]({"kind": "scaling-curves", "scales": [0.5, 1.0], "rows": rows})
+    lines = table["curves"].splitlines()
+    assert lines[0] == "| update | agreement | s=0.5 | s=1 |"
+    assert lines[2] == "| original | – | 50.0 | 90.0 |"
+    assert lines[3] == "| λ 2, lr 0.003, 60 steps, repair 0.5, T 4 | 95.4 | 10.0 | 80.0 |"

@@ -563,6 +563,29 @@ def protect_sweep_tables(result: Mapping[str, Any]) -> Tables:
     return {"rows": _table(head, rows)}
 
 
+@renderer("scaling-curves")
+def scaling_curves_tables(result: Mapping[str, Any]) -> Tables:
+    """``benchmarks/scaling_curves.py``: acc(s) of each update on one task, and the protect phase each one
+    records (its settings and agreement with the original) where it has one."""
+    scales = result["scales"]
+    rows = []
+    for r in result["rows"]:
+        prot = r.get("protect") or {}
+        obj = r.get("objective") or {}
+        setting = (
+            "original"
+            if not prot
+            else (
+                f"λ {obj.get('lam', '?'):g}, lr {r.get('lr', '?'):g}, {prot.get('steps', '?')} steps, "
+                f"repair {prot.get('repair', 0):g}, "
+                f"T {prot.get('temperature', 1):g}"
+            )
+        )
+        agree = prot.get("agreement_test")
+        rows.append([setting, "–" if agree is None else pct(agree), *(pct(a) for a in r["curve"])])
+    return {"curves": _table(["update", "agreement", *(f"s={s:g}" for s in scales)], rows)}
+
+
 @renderer("demo-time")
 def demo_time_tables(result: Mapping[str, Any]) -> Tables:
     """``benchmarks/demo_time.py``'s JSON: the demo's wall time from a clean folder, and each stage's share."""
