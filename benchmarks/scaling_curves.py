@@ -40,10 +40,13 @@ def main() -> None:
     t0 = time.perf_counter()
     suite = get_suite(args.suite)
     task = suite.task(args.task)
+    backbone = (
+        suite.make_backbone()
+    )  # scaling_curve evaluates W0 + s·ΔW functionally: one backbone serves all
     rows = []
     for path in args.updates:
         update = load_update(path)
-        curve = scaling_curve(suite.make_backbone(), task, update.dense(), list(SCALES))
+        curve = scaling_curve(backbone, task, update.dense(), list(SCALES))
         meta = update.meta
         rows.append({
             "update": path,

@@ -277,3 +277,6 @@ def test_scaling_curves_renders_one_row_per_update_with_its_protect_settings():
     assert lines[0] == "| update | agreement | s=0.5 | s=1 |"
     assert lines[2] == "| original | – | 50.0 | 90.0 |"
     assert lines[3] == "| λ 2, lr 0.003, 60 steps, repair 0.5, T 4 | 95.4 | 10.0 | 80.0 |"
+    rows[1]["lr"] = None  # the run's lr was the default, not recorded: '?', not a crash
+    table = RENDERERS["scaling-curves"]({"kind": "scaling-curves", "scales": [0.5, 1.0], "rows": rows})
+    assert table["curves"].splitlines()[3].startswith("| λ 2, lr ?, 60 steps, repair 0.5, T 4 |")

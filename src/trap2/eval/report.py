@@ -568,19 +568,18 @@ def scaling_curves_tables(result: Mapping[str, Any]) -> Tables:
     """``benchmarks/scaling_curves.py``: acc(s) of each update on one task, and the protect phase each one
     records (its settings and agreement with the original) where it has one."""
     scales = result["scales"]
+
+    def g(v: float | None) -> str:  # a setting the update did not record (None) reads '?'
+        return "?" if v is None else f"{v:g}"
+
     rows = []
     for r in result["rows"]:
         prot = r.get("protect") or {}
         obj = r.get("objective") or {}
-        setting = (
-            "original"
-            if not prot
-            else (
-                f"λ {obj.get('lam', '?'):g}, lr {r.get('lr', '?'):g}, {prot.get('steps', '?')} steps, "
-                f"repair {prot.get('repair', 0):g}, "
-                f"T {prot.get('temperature', 1):g}"
-            )
-        )
+        setting = "original" if not prot else (
+            f"λ {g(obj.get('lam'))}, lr {g(r.get('lr'))}, {prot.get('steps', '?')} steps, "
+            f"repair {g(prot.get('repair', 0))}, T {g(prot.get('temperature', 1))}"
+        )  # fmt: skip
         agree = prot.get("agreement_test")
         rows.append([setting, "–" if agree is None else pct(agree), *(pct(a) for a in r["curve"])])
     return {"curves": _table(["update", "agreement", *(f"s={s:g}" for s in scales)], rows)}
