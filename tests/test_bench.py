@@ -46,6 +46,14 @@ def test_bench_cells_summary_and_resume(tmp_path, monkeypatch):
             assert cell["merges"]["ta"][side] == want
     # the plain pool is shared: 8 plain updates + 2 protected, nothing trained twice
     assert len([p for p in (tmp_path / "updates").iterdir() if p.is_dir()]) == 10
+    # and so are its attack cells: one TA record for the unprotected pool, one per protected pool
+    assert len(list((tmp_path / "lora" / "cells").glob("attack-*.json"))) == 3
+    reports = [json.loads((tmp_path / "lora" / t / "report.json").read_text()) for t in ("rot90", "flip")]
+    plain = [next(a for a in r["attacks"] if not a["protected"]) for r in reports]
+    assert (
+        plain[0] == plain[1]
+        and plain[0]["acc"]["mean"] == summary["cells"][1]["merges"]["ta"]["unprotected"]["mean"]
+    )
     md = (tmp_path / "bench.md").read_text()
     assert "| rot90 |" in md and "| flip |" in md and "## lora" in md
 

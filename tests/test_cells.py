@@ -325,3 +325,26 @@ def test_store_without_folder_computes_and_returns_json_records(tmp_path):
     assert again == first == {"v": 0.1 + 0.2} and wall2 == wall
     other, _ = CellStore(tmp_path / "cells").run({"kind": "x", "n": 2}, lambda: {"v": 0.0})
     assert other == {"v": 0.0} and len(list((tmp_path / "cells").glob("x-*.json"))) == 2
+
+
+def test_the_unprotected_pools_cells_are_shared_between_targets(setup, tmp_path, monkeypatch):
+    """With another member protected, the unprotected pool's cells whose search does not read the
+    protected index (global, per_task) are reused; those that do (pinned) are computed again, and the
+    report equals a clean run's."""
+    suite, updates, _, cfg = setup
+    cfg = dataclasses.replace(cfg, threats=None)
+    out = tmp_path / "out"
+    run(setup, out, cfg=cfg)
+    release = Update({n: 0.3 * d for n, d in updates["t1"].deltas.items()}, {"task": "t1"})
+
+    def for_t1(folder):
+        return evaluate_protection(suite, "t1", updates, release, cfg, folder, Recorder(), time.perf_counter())
+
+    cells = cfg.cells()
+    reading = [c for c in cells if c[2] == "pinned"]
+    assert reading and len(reading) < len(cells)
+    with monkeypatch.context() as m:
+        attacks = counting(m, merge_attack, "run_attack")
+        got = for_t1(out)
+    assert len(attacks) == len(cells) + len(reading)  # the protected pool's, and the index readers'
+    assert same(got, for_t1(tmp_path / "clean"))

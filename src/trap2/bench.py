@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from trap2.eval.evaluate import base_state
 from trap2.eval.report import _table, pct, provenance
 from trap2.eval.threats import threats_lines
 from trap2.io import write_json, write_text
-from trap2.pipeline import CURVE_SCALES, DemoConfig, evaluate_protection, trained_pool
+from trap2.pipeline import CELLS, CURVE_SCALES, DemoConfig, evaluate_protection, trained_pool
 from trap2.progress import LogReporter, Reporter, note
 from trap2.suites import get_suite
 from trap2.suites.base import Suite
@@ -168,6 +169,11 @@ def run_bench(
     cache = out / "updates"
     cells: list[dict[str, Any]] = []
     for mode in cfg.modes:
+        # one record store per mode, shared by its targets: the unprotected pool is the same for every
+        # target, so its attack cells are computed once (records are keyed by the pool's content)
+        shared = out / mode / CELLS
+        if fresh:
+            shutil.rmtree(shared, ignore_errors=True)
         for target in targets:
             demo = cfg.demo_config(suite, mode, target)
             folder = out / mode / target
@@ -181,7 +187,7 @@ def run_bench(
             pool = {t: ("given" if t in given else "trained") for t in suite.task_names}
             report = evaluate_protection(
                 suite, target, updates, protected, demo, folder, reporter, time.perf_counter(),
-                {"bench_key": key, "mode": mode, "pool": pool}, fresh=fresh,
+                {"bench_key": key, "mode": mode, "pool": pool}, cells=shared,
             )  # fmt: skip
             cells.append(_summary(mode, report))
     summary = {

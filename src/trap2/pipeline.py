@@ -256,6 +256,7 @@ def evaluate_protection(
     extra: Mapping[str, Any] | None = None,
     executor: Executor | None = None,
     fresh: bool = False,
+    cells: str | Path | None = None,
 ) -> dict[str, Any]:
     """Standalone accuracy, the target's scaling curve and the attack matrix of a protected update
     against the unprotected pool ``updates`` (one per task); writes the report to ``out``.
@@ -264,7 +265,8 @@ def evaluate_protection(
     attacker-grid point and reference) is kept under ``out/cells`` (:mod:`trap2.eval.cells`), keyed by
     the pool's content, the suite's data (every split) and the settings that make it: a stopped run, run
     again, computes only what is missing and writes the same report. ``fresh``: those records are
-    cleared first.
+    cleared first. ``cells``: keep them there instead (``trap2 bench`` shares one folder between its
+    targets, so the unprotected pool's cells are computed once).
 
     ``executor`` (:func:`trap2.workers.worker_pool`): attack the two pools there, one job each (each
     worker rebuilds the suite from ``cfg.suite`` and ``suite.task_names``)."""
@@ -274,7 +276,7 @@ def evaluate_protection(
     w0 = base_state(backbone)
     for name, u in [*updates.items(), ("protected", protected)]:
         u.check_base(w0, suite.fingerprint, where=f"update {name}")
-    store = CellStore(out / CELLS, fresh)
+    store = CellStore(out / CELLS if cells is None else cells, fresh)
 
     def acc_at(delta: Mapping[str, torch.Tensor], task: str, split: str, c: float = 1.0) -> float:
         return accuracy(backbone, suite.task(task), split, apply_delta(w0, delta, c))

@@ -93,13 +93,17 @@ def attack_matrix(
 
     ``store``: finished cells are read from it and new ones written to it (a stopped run resumes)."""
     store = store or CellStore()
-    base = {"kind": "attack", **context_key(ctx), "protected_index": protected_index}
-    base |= {"hparam_search": hparam_search, "grid": list(PAPER_GRID)}
+    base = {"kind": "attack", **context_key(ctx), "hparam_search": hparam_search, "grid": list(PAPER_GRID)}
     members = {p: pool_key(pool) for p, pool in pools.items()}
     out = []
     for method, space, search in cells:
+        # only a search that reads the protected member's index depends on it: every other cell on the
+        # same pool is the same record whichever member is protected (a bench's unprotected pool is one
+        # pool for all its targets)
+        needs = search in SEARCH_REGISTRY and SEARCH_REGISTRY.get(search).needs_protected
         for is_protected, pool in pools.items():
-            key = {**base, "pool": members[is_protected], "protected": is_protected}
+            key = {**base, "protected_index": protected_index if needs else None}
+            key |= {"pool": members[is_protected], "protected": is_protected}
             key |= {"method": method, "space": space, "search": search}
             attack = partial(
                 run_attack, ctx, pool, method, space, search, protected_index, hparam_search=hparam_search
