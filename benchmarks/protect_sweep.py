@@ -1,17 +1,19 @@
-"""Sweep of ``trap2 protect`` settings on digits (issue 23): one process, one JSON row per setting.
+"""Sweep of ``trap2 protect`` settings (issue 23): one process, one JSON row per setting.
 
-Run:  python benchmarks/protect_sweep.py OUT.json SPEC [SPEC ...]   (THREADS=2 by default)
+Run:  python benchmarks/protect_sweep.py [--suite S --target T] [--original UPDATE] [--plain-steps N] \
+          OUT.json SPEC [SPEC ...]   (THREADS=2 by default)
 
-Each SPEC protects the demo's plain rot90 LoRA (``--original``) with ``prepare_protect`` and the loop's
-steps, then measures top-1 agreement with the original and standalone accuracy on test, the scaling curve
-acc(s), and the training wall time over 600 plain steps timed in the same process (a compute estimate;
-``benchmarks/protect_cost.py`` is the measurement of record). SPEC: comma-separated k=v: steps, lam, lr,
+Each SPEC protects the original (default: the digits demo's plain rot90 LoRA; on another suite
+``--original`` is required) with ``prepare_protect`` and the loop's steps, then measures top-1 agreement
+with the original and standalone accuracy on test, the scaling curve acc(s), and the training wall time
+over the original's N plain steps (default 600, at the suite's LoRA batch size) timed in the same process
+(a compute estimate; ``benchmarks/protect_cost.py`` is the measurement of record). SPEC: comma-separated k=v: steps, lam, lr,
 T (temperature), bound, delta, law, weight, coll (collateral μ), s_min, s_max, seed, bs (batch), warm,
 cut (the off-nominal term in the first cut·steps only: ``ProtectConfig.repair`` = 1 − cut), frac
 (``off_fraction``), every (``off_every``), and variants that are not package knobs, tried and not adopted:
 aug (K mixed-up copies of the inputs beside them, for the teacher to label), sched (ramp | decay | late: λ over the run), rank (extra LoRA rank, new B = 0), margin / m (a hinge on the
 teacher class's logit margin at s = 1), off=hinge / moff (a hinge instead of CE off scale).
-The trap step here is written out (no dropout replay: digits' LoRA has none); the package's is
+The trap step here is written out (no dropout replay: the digits and vision-cnn LoRA have none); the package's is
 ``Trap2Objective.backward`` through ``SelfDistillObjective``.
 """
 
@@ -152,11 +154,20 @@ def parse(spec: str) -> dict:
     return out
 
 
-def plain_step_seconds(suite, steps=20, rounds=3):
+def suite_batch(suite) -> int:
+    """The suite's LoRA recipe batch size (the plain run the original came from), else the default."""
+    return int(suite.recipes.get("lora", {}).get("batch_size", TrainConfig().batch_size))
+
+
+def plain_step_seconds(suite, target, steps=20, rounds=3):
     cfg = TrainConfig(
-        steps=10_000, batch_size=64, warmup_steps=1, eval_every=10_000, objective=ObjectiveConfig(name="none")
+        steps=10_000,
+        batch_size=suite_batch(suite),
+        warmup_steps=1,
+        eval_every=10_000,
+        objective=ObjectiveConfig(name="none"),
     )
-    run = _setup(suite, "rot90", cfg, None)
+    run = _setup(suite, target, cfg, None)
     _step(run, 1)
     times = []
     for r in range(rounds):
@@ -167,7 +178,7 @@ def plain_step_seconds(suite, steps=20, rounds=3):
     return statistics.median(times)
 
 
-def run_one(suite, orig, sp, plain_s):
+def run_one(suite, target, orig, sp, plain_s, plain_steps):
     steps = sp.get("steps", 90)
     obj = ObjectiveConfig(
         name="trap2_distill",
@@ -186,14 +197,14 @@ def run_one(suite, orig, sp, plain_s):
         warmup_steps=sp.get("warm", 10),
         eval_every=10_000,
         lr=sp.get("lr", 5e-3),
-        batch_size=sp.get("bs", 64),
+        batch_size=sp.get("bs", suite_batch(suite)),
         seed=sp.get("seed", 0),
     )
     cfg = ProtectConfig(train=train, temperature=sp.get("T", 1.0))
     update = pad_rank(orig, sp["rank"]) if sp.get("rank") else orig
     t0 = time.perf_counter()
     inputs = (
-        mixup_inputs(suite.task("rot90").train.x, sp["aug"], sp.get("seed", 0)) if sp.get("aug") else None
+        mixup_inputs(suite.task(target).train.x, sp["aug"], sp.get("seed", 0)) if sp.get("aug") else None
     )
     p = prepare_protect(suite, update, cfg, inputs=inputs, force=True)
     p.run.objective = Exp(p.run.cfg.objective, sp.get("T", 1.0), sp, steps)
@@ -201,7 +212,7 @@ def run_one(suite, orig, sp, plain_s):
     for step in range(1, steps + 1):
         _step(p.run, step)
     t2 = time.perf_counter()
-    released = _release(p.run, suite, "rot90")
+    released = _release(p.run, suite, target)
     agree, acc, acc_t = _agreement(p.run.model, p.task.test.x, p.test_teacher, p.task.test.y)
     curve = scaling_curve(suite.make_backbone(), p.task, released.update.dense(), CURVE_S)
     train_s = t2 - t1
@@ -213,8 +224,8 @@ def run_one(suite, orig, sp, plain_s):
         "curve": [round(c, 3) for c in curve],
         "prepare_seconds": round(t1 - t0, 3),
         "train_seconds": round(train_s, 3),
-        "step_ms": round(1000 * train_s / steps, 2),
-        "cost_vs_plain600": round(train_s / (600 * plain_s), 3),
+        "step_ms": round(1000 * train_s / max(steps, 1), 2),
+        "cost_vs_plain600": round(train_s / (plain_steps * plain_s), 3),  # the original's plain steps
     }
 
 
@@ -222,18 +233,26 @@ def main():
     torch.set_num_threads(int(os.environ.get("THREADS", 2)))
     args = sys.argv[1:]
     t_start = time.perf_counter()
-    suite = get_suite("digits")
-    orig_path = str(update_cache_folder(suite, "rot90", DemoConfig().train.plain(), DEMO_CACHE))
-    if args[:1] == ["--original"]:
-        orig_path, args = args[1], args[2:]
+    opts = {"--suite": "digits", "--target": None, "--original": None, "--plain-steps": "600"}
+    while args[:1] and args[0] in opts:
+        opts[args[0]], args = args[1], args[2:]
+    suite = get_suite(opts["--suite"])
+    target = opts["--target"] or suite.default_target
+    plain_steps = int(opts["--plain-steps"])
+    orig_path = opts["--original"]
+    if orig_path is None:
+        if suite.name != "digits":
+            sys.exit("--original UPDATE is required outside digits")
+        orig_path = str(update_cache_folder(suite, target, DemoConfig().train.plain(), DEMO_CACHE))
     out, specs = args[0], args[1:]
     orig = load_update(orig_path)
-    plain_s = plain_step_seconds(suite)
-    print(f"plain step {1000 * plain_s:.2f} ms; 0.3x budget = {0.3 * 600 * plain_s:.2f} s", flush=True)
+    plain_s = plain_step_seconds(suite, target)
+    budget = 0.3 * plain_steps * plain_s
+    print(f"plain step {1000 * plain_s:.2f} ms; 0.3x budget = {budget:.2f} s", flush=True)
     rows = json.loads(Path(out).read_text())["rows"] if os.path.exists(out) else []
     for spec in specs:
         sp = parse(spec)
-        r = run_one(suite, orig, sp, plain_s)
+        r = run_one(suite, target, orig, sp, plain_s, plain_steps)
         r["spec_str"], r["plain_step_ms"] = spec, round(1000 * plain_s, 2)
         rows.append(r)
         c = r["curve"]
@@ -250,8 +269,9 @@ def main():
             "threads": torch.get_num_threads(),
             "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), shared",
             "wall_seconds": round(time.perf_counter() - t_start, 1),
-            "suite": "digits",
-            "target": "rot90",
+            "suite": suite.name,
+            "target": target,
+            "plain_steps": plain_steps,
             "original": orig_path,
             "curve_s": CURVE_S,
             "rows": rows,
