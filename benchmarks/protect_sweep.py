@@ -203,9 +203,7 @@ def run_one(suite, target, orig, sp, plain_s, plain_steps):
     cfg = ProtectConfig(train=train, temperature=sp.get("T", 1.0))
     update = pad_rank(orig, sp["rank"]) if sp.get("rank") else orig
     t0 = time.perf_counter()
-    inputs = (
-        mixup_inputs(suite.task(target).train.x, sp["aug"], sp.get("seed", 0)) if sp.get("aug") else None
-    )
+    inputs = mixup_inputs(suite.task(target).train.x, sp["aug"], sp.get("seed", 0)) if sp.get("aug") else None
     p = prepare_protect(suite, update, cfg, inputs=inputs, force=True)
     p.run.objective = Exp(p.run.cfg.objective, sp.get("T", 1.0), sp, steps)
     t1 = time.perf_counter()
