@@ -19,6 +19,7 @@ The trap step here is written out (no dropout replay: the digits and vision-cnn 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from trap2 import __version__
+from trap2.bench import BenchConfig
 from trap2.config import ObjectiveConfig, TrainConfig
 from trap2.eval.evaluate import scaling_curve
 from trap2.io import write_json
@@ -155,8 +157,8 @@ def parse(spec: str) -> dict:
 
 
 def suite_batch(suite) -> int:
-    """The suite's LoRA recipe batch size (the plain run the original came from), else the default."""
-    return int(suite.recipes.get("lora", {}).get("batch_size", TrainConfig().batch_size))
+    """The batch size of the suite's LoRA recipe (the plain run the original came from)."""
+    return BenchConfig().train_config(suite, "lora").batch_size
 
 
 def plain_step_seconds(suite, target, steps=20, rounds=3):
@@ -229,20 +231,24 @@ def run_one(suite, target, orig, sp, plain_s, plain_steps):
 
 def main():
     torch.set_num_threads(int(os.environ.get("THREADS", 2)))
-    args = sys.argv[1:]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", help="the JSON to write (rows are appended to an existing one)")
+    ap.add_argument("specs", nargs="+", help="comma-separated k=v settings, one row each")
+    ap.add_argument("--suite", default="digits")
+    ap.add_argument("--target", help="the original's task (default: the suite's default target)")
+    ap.add_argument("--original", help="the update to protect (default on digits: the demo's plain rot90)")
+    ap.add_argument("--plain-steps", type=int, default=600, help="the original's plain training steps")
+    args = ap.parse_args()
     t_start = time.perf_counter()
-    opts = {"--suite": "digits", "--target": None, "--original": None, "--plain-steps": "600"}
-    while args[:1] and args[0] in opts:
-        opts[args[0]], args = args[1], args[2:]
-    suite = get_suite(opts["--suite"])
-    target = opts["--target"] or suite.default_target
-    plain_steps = int(opts["--plain-steps"])
-    orig_path = opts["--original"]
+    suite = get_suite(args.suite)
+    target = args.target or suite.default_target
+    plain_steps = args.plain_steps
+    orig_path = args.original
     if orig_path is None:
         if suite.name != "digits":
-            sys.exit("--original UPDATE is required outside digits")
+            ap.error("--original UPDATE is required outside digits")
         orig_path = str(update_cache_folder(suite, target, DemoConfig().train.plain(), DEMO_CACHE))
-    out, specs = args[0], args[1:]
+    out, specs = args.out, args.specs
     orig = load_update(orig_path)
     plain_s = plain_step_seconds(suite, target)
     budget = 0.3 * plain_steps * plain_s

@@ -40,9 +40,8 @@ def main() -> None:
     t0 = time.perf_counter()
     suite = get_suite(args.suite)
     task = suite.task(args.task)
-    backbone = (
-        suite.make_backbone()
-    )  # scaling_curve evaluates W0 + s·ΔW functionally: one backbone serves all
+    # scaling_curve evaluates W0 + s·ΔW functionally: one backbone serves all
+    backbone = suite.make_backbone()
     rows = []
     for path in args.updates:
         update = load_update(path)
