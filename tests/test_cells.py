@@ -338,7 +338,9 @@ def test_the_unprotected_pools_cells_are_shared_between_targets(setup, tmp_path,
     release = Update({n: 0.3 * d for n, d in updates["t1"].deltas.items()}, {"task": "t1"})
 
     def for_t1(folder):
-        return evaluate_protection(suite, "t1", updates, release, cfg, folder, Recorder(), time.perf_counter())
+        return evaluate_protection(
+            suite, "t1", updates, release, cfg, folder, Recorder(), time.perf_counter()
+        )
 
     cells = cfg.cells()
     reading = [c for c in cells if c[2] == "pinned"]
