@@ -207,3 +207,56 @@ def test_bench_tables_show_the_merged_mean_and_the_protected_tasks_own_accuracy(
         "|---|---|---|---|",
         "| add | 0.0 | 67.5 → 0.0 | 61.0 → – |",
     ]
+
+
+def test_equal_steps_reference_is_the_plain_update_trained_for_the_protected_steps(tmp_path, monkeypatch):
+    from trap2.eval.evaluate import accuracy
+    from trap2.suites import get_suite
+
+    lora = TrainConfig(steps=10, protect_steps=20, eval_every=20)
+    cfg = small(targets=("rot90",), tasks=("rot90", "flip"), lora=lora, equal_steps=True)
+    summary = run_bench(cfg, tmp_path)
+    ref = summary["cells"][0]["plain_equal_steps"]
+    assert ref["steps"] == 20 and ref["same_as_pool"] is False
+    # an independent reference: the 20-step plain update, folded into the backbone's own weights
+    suite = get_suite("digits").subset(["rot90", "flip"])
+    update = trained_update(suite, "rot90", dataclasses.replace(lora.plain(), steps=20), tmp_path / "updates")
+    backbone = suite.make_backbone()
+    state = backbone.state_dict()
+    backbone.load_state_dict(
+        {n: t + update.dense()[n] if n in update.dense() else t for n, t in state.items()}
+    )
+    assert ref["acc"] == accuracy(backbone, suite.task("rot90"), "test")
+    # 2 plain pool members (10 steps), the protected update, the 20-step reference
+    assert len([p for p in (tmp_path / "updates").iterdir() if p.is_dir()]) == 4
+    md = (tmp_path / "bench.md").read_text()
+    assert "plain, equal steps" in md and f"({ref['steps']})" in md
+    gap = summary["cells"][0]["protected"] - ref["acc"]
+    assert f"{100 * gap:+.1f} pp" in md
+
+    # run again: the finished cell and the reference are reused, nothing trained or evaluated
+    def no_training(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(trap2.pipeline, "train_update", no_training)
+    monkeypatch.setattr("trap2.bench.accuracy", no_training)
+    assert run_bench(cfg, tmp_path)["cells"] == summary["cells"]
+    # ... and so does the command line, the reference asked for with --equal-steps
+    (tmp_path / "b.yaml").write_text(
+        "lora: {steps: 10, protect_steps: 20, eval_every: 20}\nscales: [0.5, 1.0, 2.0]\n"
+    )
+    args = ["bench", "--out", str(tmp_path), "--config", str(tmp_path / "b.yaml"), "--modes", "lora"]
+    args += ["--targets", "rot90", "--tasks", "rot90,flip", "--methods", "ta", "--threats", "none"]
+    result = CliRunner().invoke(app, [*args, "--equal-steps", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "bench.json").read_text())["cells"] == summary["cells"]
+
+    # a recipe with equal steps already: the pool's own member is the reference
+    monkeypatch.undo()
+    same = run_bench(small(targets=("rot90",), tasks=("rot90", "flip"), equal_steps=True), tmp_path)
+    cell = same["cells"][0]
+    assert cell["plain_equal_steps"] == {
+        "steps": 20,
+        "acc": cell["fine_tuned"]["rot90"],
+        "same_as_pool": True,
+    }

@@ -25,18 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trap2.attacks.context import update_key
+from trap2.attacks.context import resolve_device, update_key
 from trap2.config import TrainConfig, config_hash, from_dict, help_field, to_dict
 from trap2.errors import ConfigError
-from trap2.eval.evaluate import base_state
+from trap2.eval.cells import CellStore, pool_key, suite_key
+from trap2.eval.evaluate import accuracy, base_state
 from trap2.eval.report import _table, pct, provenance
 from trap2.eval.threats import threats_lines
 from trap2.io import write_json, write_text
-from trap2.pipeline import CELLS, CURVE_SCALES, DemoConfig, evaluate_protection, trained_pool
+from trap2.pipeline import CELLS, CURVE_SCALES, DemoConfig, evaluate_protection, trained_pool, trained_update
 from trap2.progress import LogReporter, Reporter, note
 from trap2.suites import get_suite
 from trap2.suites.base import Suite
-from trap2.updates import Update, load_update
+from trap2.updates import Update, apply_delta, load_update
 
 MODES = ("lora", "full")
 
@@ -71,6 +72,13 @@ class BenchConfig:
         "the attacker grid of every cell (docs/threats.md): 'full' (the default: hours on digits), 'quick', "
         "or 'none' / null = the attack matrix alone (the CLI's --threats)",
         "full",
+        hash_default=False,
+    )
+    equal_steps: bool = help_field(
+        "also train each target's plain update for as many optimizer steps as its protected run and report "
+        "its test accuracy beside the protected one (the equal-steps reference; the merges still use the "
+        "plain recipe's pool)",
+        False,
         hash_default=False,
     )
     device: str | None = help_field(
@@ -181,15 +189,20 @@ def run_bench(
             done = _finished(folder, key)
             if done is not None and not fresh:
                 note(reporter, f"{mode} / {target}: finished earlier, reused")
-                cells.append(_summary(mode, done))
-                continue
-            updates, protected = trained_pool(suite, target, demo.train, cache, fresh, reporter, given)
-            pool = {t: ("given" if t in given else "trained") for t in suite.task_names}
-            report = evaluate_protection(
-                suite, target, updates, protected, demo, folder, reporter, time.perf_counter(),
-                {"bench_key": key, "mode": mode, "pool": pool}, cells=shared,
-            )  # fmt: skip
-            cells.append(_summary(mode, report))
+                report = done
+            else:
+                updates, protected = trained_pool(suite, target, demo.train, cache, fresh, reporter, given)
+                pool = {t: ("given" if t in given else "trained") for t in suite.task_names}
+                report = evaluate_protection(
+                    suite, target, updates, protected, demo, folder, reporter, time.perf_counter(),
+                    {"bench_key": key, "mode": mode, "pool": pool}, cells=shared,
+                )  # fmt: skip
+            cell = _summary(mode, report)
+            if cfg.equal_steps:
+                cell["plain_equal_steps"] = equal_steps_plain(
+                    suite, target, demo.train, cache, shared, fresh, reporter, report
+                )
+            cells.append(cell)
     summary = {
         **provenance("bench"),
         "suite": suite.name,
@@ -204,6 +217,37 @@ def run_bench(
     write_json(out / "bench.json", summary)
     write_text(out / "bench.md", bench_markdown(summary))
     return summary
+
+
+def equal_steps_plain(
+    suite: Suite,
+    target: str,
+    train: TrainConfig,
+    cache: Path,
+    cells: Path,
+    fresh: bool,
+    reporter: Reporter,
+    report: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The equal-compute reference of a protected run: ``target``'s plain update trained for the protected
+    run's optimizer steps (cached with the other updates) and its test accuracy (a record in ``cells``).
+    When the recipe gives both runs the same steps it is the pool's own member, read from ``report``."""
+    steps = train.run_steps
+    plain = train.plain()
+    if plain.run_steps == steps:
+        return {"steps": steps, "acc": report["standalone"]["unprotected"][target], "same_as_pool": True}
+    cfg = dataclasses.replace(plain, steps=steps)
+    update = trained_update(suite, target, cfg, cache, fresh, reporter)
+    device = resolve_device(cfg.device)
+    backbone = suite.make_backbone().to(device)
+    w0 = base_state(backbone)
+    update.check_base(w0, suite.fingerprint, where=f"equal-steps update {target}")
+    key = {"kind": "equal_steps", **suite_key(suite), "device": str(device)}
+    key |= {"update": pool_key([update]), "target": target}
+    record, _ = CellStore(cells).run(
+        key, lambda: {"acc": accuracy(backbone, suite.task(target), "test", apply_delta(w0, update.dense()))}
+    )
+    return {"steps": steps, "acc": record["acc"], "same_as_pool": False}
 
 
 def _finished(folder: Path, key: str) -> dict[str, Any] | None:
@@ -266,12 +310,18 @@ def bench_mode_tables(summary: Mapping[str, Any]) -> dict[str, str]:
             continue
         methods = list(dict.fromkeys(m for c in cells for m in c["merges"]))
         zs, ft = cells[0]["zero_shot"], cells[0]["fine_tuned"]
+        equal = any("plain_equal_steps" in c for c in cells)
         head = ["protected task", "zero-shot", "fine-tuned", "Trap²", "s=0.5", "s=2", *methods]
         rows = [
             [c["target"], pct(zs[c["target"]]), pct(ft[c["target"]]), pct(c["protected"]), pct(c["acc_s0.5"]),
              pct(c["acc_s2"]), *_merges(c, methods, "mean")]
             for c in cells
         ]  # fmt: skip
+        if equal:  # the equal-steps plain reference beside the protected run
+            head.insert(4, "plain, equal steps")
+            for row, c in zip(rows, cells, strict=True):
+                ref = c.get("plain_equal_steps")
+                row.insert(4, f"{pct(ref['acc'])} ({ref['steps']})" if ref else "")
         tables[mode] = _table(head, rows)
         rows = [[c["target"], pct(zs[c["target"]]), *_merges(c, methods, "target")] for c in cells]
         tables[f"{mode}-target"] = _table(["protected task", "zero-shot", *methods], rows)
@@ -303,6 +353,13 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
                 f"{len(cells)} target(s)."
             )
         )
+        refs = [c for c in cells if c.get("plain_equal_steps")]
+        if refs:
+            gap = sum(c["protected"] - c["plain_equal_steps"]["acc"] for c in refs) / len(refs)
+            lines.append(
+                f"Protected − plain at equal optimizer steps, mean of {len(refs)} target(s): "
+                f"{100 * gap:+.1f} pp (the plain reference trained for the protected run's steps)."
+            )
         lines += ["", tables[mode]]
         lines += ["", "The protected task's own accuracy in each merge, unprotected → protected:", ""]
         lines += [tables[f"{mode}-target"]]

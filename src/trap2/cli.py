@@ -451,6 +451,13 @@ def bench(
     batch_size: BatchOpt = 64,
     max_len: MaxLenOpt = 128,
     fresh: Annotated[bool, typer.Option("--fresh", help="redo every cell and retrain every update")] = False,
+    equal_steps: Annotated[
+        bool,
+        typer.Option(
+            "--equal-steps",
+            help="also train each target's plain update for its protected run's steps and report it beside",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     threads: Threads = 0,
     threats: BenchThreatsOpt = None,
@@ -471,6 +478,7 @@ def bench(
     given = {"suite": suite, "modes": _csv(modes), "targets": _csv(protected or targets)}
     given.update(tasks=_csv(tasks), methods=_csv(methods), spaces=_csv(spaces), device=device)
     given["threats"] = threats
+    given["equal_steps"] = True if equal_steps else None
     raw.update({k: v for k, v in given.items() if v is not None})
     cfg = from_dict(BenchConfig, raw, "bench")
     with cli_reporter() as reporter:
