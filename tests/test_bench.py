@@ -207,6 +207,17 @@ def test_bench_tables_show_the_merged_mean_and_the_protected_tasks_own_accuracy(
         "|---|---|---|---|",
         "| add | 0.0 | 67.5 → 0.0 | 61.0 → – |",
     ]
+    # the equal-steps reference: a column, and the mean gap (a gap that rounds to zero reads +0.0)
+    from trap2.bench import bench_markdown
+
+    ref = {**cell, "plain_equal_steps": {"steps": 40, "acc": 0.8802, "same_as_pool": False}}
+    summary = {"suite": "s", "config": {"modes": ["lora"]}, "cells": [ref]}
+    assert (
+        bench_mode_tables(summary)["lora"]
+        .splitlines()[-1]
+        .startswith("| add | 0.0 | 90.0 | 88.0 | 88.0 (40) |")
+    )
+    assert "mean of 1 target(s): +0.0 pp" in bench_markdown(summary)
 
 
 def test_equal_steps_reference_is_the_plain_update_trained_for_the_protected_steps(tmp_path, monkeypatch):
@@ -232,7 +243,7 @@ def test_equal_steps_reference_is_the_plain_update_trained_for_the_protected_ste
     md = (tmp_path / "bench.md").read_text()
     assert "plain, equal steps" in md and f"({ref['steps']})" in md
     gap = summary["cells"][0]["protected"] - ref["acc"]
-    assert f"{100 * gap:+.1f} pp" in md
+    assert f"{round(100 * gap, 1) + 0.0:+.1f} pp" in md
 
     # run again: the finished cell and the reference are reused, nothing trained or evaluated
     def no_training(*a, **k):

@@ -356,9 +356,10 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
         refs = [c for c in cells if c.get("plain_equal_steps")]
         if refs:
             gap = sum(c["protected"] - c["plain_equal_steps"]["acc"] for c in refs) / len(refs)
+            gap = round(100 * gap, 1) + 0.0  # + 0.0: no "-0.0"
             lines.append(
                 f"Protected − plain at equal optimizer steps, mean of {len(refs)} target(s): "
-                f"{100 * gap:+.1f} pp (the plain reference trained for the protected run's steps)."
+                f"{gap:+.1f} pp (the plain reference trained for the protected run's steps)."
             )
         lines += ["", tables[mode]]
         lines += ["", "The protected task's own accuracy in each merge, unprotected → protected:", ""]
