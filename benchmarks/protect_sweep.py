@@ -9,6 +9,8 @@ with the original and standalone accuracy on test, the scaling curve acc(s), and
 over the original's N plain steps (default 600, at the suite's LoRA batch size) timed in the same process
 (a compute estimate; ``benchmarks/protect_cost.py`` is the measurement of record). SPEC: comma-separated k=v: steps, lam, lr,
 T (temperature), bound, delta, law, weight, coll (collateral μ), s_min, s_max, seed, bs (batch), warm,
+eps and b2 (AdamW's ε and β2: a large ε stops Adam from blowing float-noise gradients up to full steps),
+reps and rlr (ε, and a multiplier of the lr, from the cut on: the repair phase's),
 cut (the off-nominal term in the first cut·steps only: ``ProtectConfig.repair`` = 1 − cut), frac
 (``off_fraction``), every (``off_every``), and variants that are not package knobs, tried and not adopted:
 aug (K mixed-up copies of the inputs beside them, for the teacher to label), sched (ramp | decay | late: λ over the run), rank (extra LoRA rank, new B = 0), margin / m (a hinge on the
@@ -201,6 +203,8 @@ def run_one(suite, target, orig, sp, plain_s, plain_steps):
         lr=sp.get("lr", 5e-3),
         batch_size=sp.get("bs", suite_batch(suite)),
         seed=sp.get("seed", 0),
+        eps=sp.get("eps", TrainConfig().eps),
+        betas=(0.9, sp.get("b2", TrainConfig().betas[1])),
     )
     cfg = ProtectConfig(train=train, temperature=sp.get("T", 1.0))
     update = pad_rank(orig, sp["rank"]) if sp.get("rank") else orig
@@ -210,6 +214,10 @@ def run_one(suite, target, orig, sp, plain_s, plain_steps):
     p.run.objective = Exp(p.run.cfg.objective, sp.get("T", 1.0), sp, steps)
     t1 = time.perf_counter()
     for step in range(1, steps + 1):
+        if step == int(sp.get("cut", 0) * steps) + 1:  # the repair phase's own ε and lr multiplier
+            for group in p.run.opt.param_groups:
+                group["eps"] = sp.get("reps", group["eps"])
+            p.run.sched.base_lrs = [lr * sp.get("rlr", 1.0) for lr in p.run.sched.base_lrs]
         _step(p.run, step)
     t2 = time.perf_counter()
     released = _release(p.run, suite, target)
