@@ -239,14 +239,16 @@ def equal_steps_plain(
     cfg = dataclasses.replace(plain, steps=steps)
     update = trained_update(suite, target, cfg, cache, fresh, reporter)
     device = resolve_device(cfg.device)
-    backbone = suite.make_backbone().to(device)
-    w0 = base_state(backbone)
-    update.check_base(w0, suite.fingerprint, where=f"equal-steps update {target}")
+
+    def evaluate() -> dict[str, float]:  # the backbone is built only when the record is not stored
+        backbone = suite.make_backbone().to(device)
+        w0 = base_state(backbone)
+        update.check_base(w0, suite.fingerprint, where=f"equal-steps update {target}")
+        return {"acc": accuracy(backbone, suite.task(target), "test", apply_delta(w0, update.dense()))}
+
     key = {"kind": "equal_steps", **suite_key(suite), "device": str(device)}
     key |= {"update": pool_key([update]), "target": target}
-    record, _ = CellStore(cells).run(
-        key, lambda: {"acc": accuracy(backbone, suite.task(target), "test", apply_delta(w0, update.dense()))}
-    )
+    record, _ = CellStore(cells).run(key, evaluate)
     return {"steps": steps, "acc": record["acc"], "same_as_pool": False}
 
 
