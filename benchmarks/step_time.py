@@ -28,6 +28,15 @@ timed in interleaved rounds; median ms per step and the ratio to plain; ``--out`
 (kind ``step-time-extensions``, rendered by ``trap2 report``).
   flock /tmp/trap2-compute.lock env OMP_NUM_THREADS=2 python benchmarks/step_time.py --part extensions \
       --steps 20 --rounds 5 --threads 2 --out results/step-time-extensions.json
+
+Recipes (``--part recipes``): what each suite's ``trap2 bench`` recipe costs to train. Per suite and mode,
+the recipe's protected step (its objective, batch, LoRA settings) beside the plain step of the same
+recipe, timed in interleaved rounds; the JSON (kind ``step-time-recipes``) states the step ratio, the
+recipe's steps on both sides and the protected run's total compute in plain-step units (protected steps ×
+step ratio), against the plain recipe's steps and against plain at equal steps.
+  flock /tmp/trap2-compute.lock env OMP_NUM_THREADS=2 python benchmarks/step_time.py --part recipes \
+      --recipe-suites digits,vision-cnn,text-transformer --steps 10 --rounds 5 --threads 2 \
+      --out results/step-time-recipes.json
 """
 
 from __future__ import annotations
@@ -86,13 +95,15 @@ def make_step(
     batch: int,
     suite_name: str = "digits",
     protect: dict[str, Any] | None = None,
+    train: Any = None,
 ) -> Callable[[], None]:
     """One optimizer step (AdamW, clipping at 1) of ``objective`` on the suite's backbone + task head.
 
     ``objective``: an ``ObjectiveConfig``, a registered name (its default settings) or ``HALVES``.
     ``trap2_distill`` is the protect phase's step (``trap2.protect.protect_objective``; ``protect``: the
     ``ProtectConfig`` knobs such as ``off_every``), trained against the model's own outputs at the start
-    as the teacher's."""
+    as the teacher's. ``train``: the ``TrainConfig`` whose LoRA settings wrap the backbone (default: the
+    defaults)."""
     from trap2.config import ObjectiveConfig, TrainConfig
     from trap2.objectives import get_objective
     from trap2.scaling import ScaledModel, base_params
@@ -105,7 +116,7 @@ def make_step(
         objective = ObjectiveConfig(name="none" if halved else objective)
     suite = get_suite(suite_name)
     task = suite.task(suite.default_target)
-    cfg = TrainConfig(mode=mode)
+    cfg = train if train is not None else TrainConfig(mode=mode)
     backbone = suite.make_backbone()
     backbone = wrap_lora(backbone, suite, cfg) if mode == "lora" else backbone.requires_grad_(True)
     model = TaskModel(backbone, task.head)
@@ -263,21 +274,31 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--suite", choices=sorted(BATCHES), default="digits")
     ap.add_argument(
-        "--part", choices=("all", "steps", "tap", "extensions"), default="all", help="'all': steps and tap"
+        "--part",
+        choices=("all", "steps", "tap", "extensions", "recipes"),
+        default="all",
+        help="'all': steps and tap",
+    )
+    ap.add_argument(
+        "--recipe-suites",
+        default="digits,vision-cnn,text-transformer",
+        help="--part recipes: the suites whose bench recipes are timed, comma-separated",
     )
     ap.add_argument("--lm-batch", type=int, default=8)
     ap.add_argument("--lm-seq", type=int, default=128)
     ap.add_argument("--lm-vocab", type=int, default=32000)
     ap.add_argument("--device", default="cpu", help="device of the feature-tap measurement")
-    ap.add_argument("--out", type=Path, help="--part extensions: write the result JSON here")
+    ap.add_argument("--out", type=Path, help="--part extensions / recipes: write the result JSON here")
     args = ap.parse_args()
     if args.part == "extensions" and args.steps % 2:
         ap.error("--part extensions: --steps must be even (off_every=2 times whole cycles)")
-    if args.out is not None and args.part != "extensions":
-        ap.error("--out is written by --part extensions")
+    if args.out is not None and args.part not in ("extensions", "recipes"):
+        ap.error("--out is written by --part extensions or recipes")
     torch.set_num_threads(args.threads)
     if args.part == "extensions":
         extension_table(args)
+    if args.part == "recipes":
+        recipe_table(args)
     if args.part in ("all", "steps"):
         step_table(args)
     if args.part in ("all", "tap"):
@@ -326,6 +347,62 @@ def extensions(suite: str, steps: int, rounds: int) -> dict[str, dict[str, Any]]
             "step_seconds_rounds": per,
         }
     return out
+
+
+def recipes(suite_name: str, steps: int, rounds: int) -> list[dict[str, Any]]:
+    """One row per mode of the suite's bench recipe (``BenchConfig.train_config``) whose objective
+    protects: the plain and the protected step at the recipe's batch and LoRA settings, interleaved, and
+    the protected run's total compute in plain-step units."""
+    from trap2.bench import MODES, BenchConfig
+    from trap2.config import ObjectiveConfig, to_dict
+    from trap2.suites import get_suite
+
+    suite = get_suite(suite_name)
+    rows = []
+    for mode in MODES:
+        cfg = BenchConfig(suite=suite_name).train_config(suite, mode)
+        fns = {
+            "plain": make_step(mode, ObjectiveConfig(name="none"), cfg.batch_size, suite_name, train=cfg),
+            "protected": make_step(mode, cfg.objective, cfg.batch_size, suite_name, train=cfg),
+        }
+        per = interleaved(fns, steps, rounds)
+        sec = {k: statistics.median(v) for k, v in per.items()}
+        ratio = sec["protected"] / sec["plain"]
+        rows.append(
+            {
+                "suite": suite_name,
+                "mode": mode,
+                "batch": cfg.batch_size,
+                "objective": to_dict(cfg.objective),
+                "plain_steps": cfg.steps,
+                "protect_steps": cfg.run_steps,
+                "step_seconds": sec,
+                "step_seconds_rounds": per,
+                "step_ratio": ratio,
+                "protected_compute": cfg.run_steps * ratio,  # plain-step units
+                "vs_plain_recipe": cfg.run_steps * ratio / cfg.steps,
+            }
+        )
+    return rows
+
+
+def recipe_table(args: argparse.Namespace) -> None:
+    from trap2.eval.report import provenance, render
+    from trap2.io import write_json
+
+    t0 = time.perf_counter()
+    rows = [r for name in args.recipe_suites.split(",") for r in recipes(name, args.steps, args.rounds)]
+    result = {
+        **provenance("step-time-recipes", time.perf_counter() - t0),
+        "command": shlex.join(["python", "benchmarks/step_time.py", *sys.argv[1:]]),
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "rows": rows,
+    }
+    print(f"{args.threads} thread(s); median of {args.rounds} interleaved rounds of {args.steps} steps")
+    print(render(result), end="")
+    if args.out is not None:
+        write_json(args.out, result)
 
 
 def extension_table(args: argparse.Namespace) -> None:

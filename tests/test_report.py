@@ -264,6 +264,31 @@ def test_step_time_extensions_renders_ms_and_the_ratio_to_plain():
     ]
 
 
+def test_step_time_recipes_renders_the_ratio_and_the_total_compute():
+    from trap2.eval.report import render
+
+    row = {
+        "suite": "text-transformer",
+        "mode": "lora",
+        "batch": 16,
+        "objective": {"name": "trap2", "lam": 0.3, "law": "log", "collateral": 0.3, "bound": None},
+        "plain_steps": 300,
+        "protect_steps": 600,
+        "step_seconds": {"plain": 0.2, "protected": 0.55},
+        "step_ratio": 2.75,
+        "protected_compute": 1650.0,
+        "vs_plain_recipe": 5.5,
+    }
+    paper = {**row, "suite": "digits", "mode": "full", "objective": {"name": "trap2", "lam": 0.0},
+             "protected_compute": 600.0, "vs_plain_recipe": 1.0}  # fmt: skip
+    lines = render({"kind": "step-time-recipes", "rows": [row, paper]}).splitlines()
+    assert lines[2] == (
+        "| text-transformer lora | trap2 (lam 0.3, collateral 0.3, law log) | 16 | 200 | 550 | 2.75× "
+        "| 300 / 600 | 1,650 | 5.5× |"
+    )
+    assert lines[3].startswith("| digits full | trap2 | 16 |")  # no knob set: the bare name
+
+
 def test_scaling_curves_renders_one_row_per_update_with_its_protect_settings():
     from trap2.eval.report import RENDERERS
 

@@ -617,6 +617,44 @@ def step_time_extensions_tables(result: Mapping[str, Any]) -> Tables:
     return {"steps": _table(["variant", "LoRA ms", "LoRA × plain", "full ms", "full × plain"], rows)}
 
 
+@renderer("step-time-recipes")
+def step_time_recipes_tables(result: Mapping[str, Any]) -> Tables:
+    """``benchmarks/step_time.py --part recipes``: per suite and mode, the bench recipe's protected step
+    against the same recipe's plain step, and the protected run's total training compute in plain-step
+    units (protected steps × step ratio) beside the plain recipe's steps."""
+    rows = []
+    for r in result["rows"]:
+        obj = r["objective"]
+        knobs = ", ".join(f"{k} {obj[k]:g}" for k in ("lam", "collateral", "bound") if obj.get(k))
+        law = f", law {obj['law']}" if obj.get("law") not in (None, "uniform") else ""
+        sec = r["step_seconds"]
+        rows.append(
+            [
+                f"{r['suite']} {r['mode']}",
+                f"{obj['name']} ({knobs}{law})" if knobs or law else obj["name"],
+                str(r["batch"]),
+                f"{1000 * sec['plain']:.0f}",
+                f"{1000 * sec['protected']:.0f}",
+                f"{r['step_ratio']:.2f}×",
+                f"{r['plain_steps']} / {r['protect_steps']}",
+                f"{r['protected_compute']:,.0f}",
+                f"{r['vs_plain_recipe']:.1f}×",
+            ]
+        )
+    head = [
+        "suite, mode",
+        "recipe objective",
+        "batch",
+        "plain ms",
+        "protected ms",
+        "step × plain",
+        "steps plain / protected",
+        "protected compute (plain steps)",
+        "× plain recipe",
+    ]
+    return {"recipes": _table(head, rows)}
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     from trap2.eval.threats import distill_lines, grid_lines  # the threats part (docs/threats.md)
 
