@@ -250,7 +250,9 @@ def test_the_feature_tap_is_registered_only_where_collateral_reads_it(mu):
 
 
 # Recorded from the paper's objective before the hardening extensions (operators, lookahead) existed:
-# at their defaults the step must give these numbers bit for bit (float64, fixed seeds).
+# at their defaults the step must give these numbers (float64, fixed seeds). Bit for bit on the machine
+# that recorded them (an Intel Xeon); another CPU's float64 kernels differ in the last bits (an AMD EPYC:
+# 2 ulp), so they are compared to 1e-12 relative, far below what a changed draw, weight or pass moves.
 PAPER_STEP = {
     ("lora", "paper"): ("0x1.1bd6393e83100p+0", "0x1.7b7ced0ef7da2p+0", "-0x1.390906124c0a8p+2"),
     ("lora", "extended"): ("-0x1.055cab9222b3ep+0", "0x1.f4acd15461cb0p+0", "-0x1.2597581700624p+2"),
@@ -261,7 +263,7 @@ PAPER_STEP = {
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 @pytest.mark.parametrize("variant", ["paper", "extended"])
-def test_the_default_step_is_bit_identical_to_before_the_hardening(mode, variant):
+def test_the_default_step_is_the_one_recorded_before_the_hardening(mode, variant):
     from conftest import TinyNet
     from peft import LoraConfig, get_peft_model
 
@@ -285,9 +287,5 @@ def test_the_default_step_is_bit_identical_to_before_the_hardening(mode, variant
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
     st = get_objective(cfg).backward(scaled, x, y, F.cross_entropy, torch.Generator().manual_seed(7))
     g = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
-    got = (
-        st.loss.hex(),
-        float(g.sum()).hex(),
-        float((g * torch.arange(g.numel(), dtype=g.dtype)).sum()).hex(),
-    )
-    assert got == PAPER_STEP[(mode, variant)]
+    got = (st.loss, float(g.sum()), float((g * torch.arange(g.numel(), dtype=g.dtype)).sum()))
+    assert got == pytest.approx(tuple(float.fromhex(v) for v in PAPER_STEP[(mode, variant)]), rel=1e-12)
