@@ -44,7 +44,7 @@ def test_the_documented_commands_train_and_audit(example, monkeypatch, capsys, t
     u = tmp_path / "quadrants-plane1"
     code, out, err = run_cli(
         monkeypatch, capsys, "train", "--suite", "my_suite:build", "--task", "plane1", "--steps", "600",
-        "--lr", "0.01", "--lam", "0.3", "--bound", "5", "--out", str(u), "--threads", "1",
+        "--lr", "0.01", "--lam", "0.5", "--bound", "5", "--out", str(u), "--threads", "1",
     )  # fmt: skip
     assert code == 0, err
     meta = load_update(u).meta
