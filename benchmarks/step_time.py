@@ -350,17 +350,17 @@ def extensions(suite: str, steps: int, rounds: int) -> dict[str, dict[str, Any]]
 
 
 def recipes(suite_name: str, steps: int, rounds: int) -> list[dict[str, Any]]:
-    """One row per mode of the suite's bench recipe (``BenchConfig.train_config``) whose objective
-    protects: the plain and the protected step at the recipe's batch and LoRA settings, interleaved, and
-    the protected run's total compute in plain-step units."""
+    """One row per mode of the suite's bench recipe (``BenchConfig.train_config``; a mode without a
+    recipe gets the defaults): the plain and the protected step at the recipe's batch and LoRA settings,
+    interleaved, and the protected run's total compute in plain-step units."""
     from trap2.bench import MODES, BenchConfig
     from trap2.config import ObjectiveConfig, to_dict
     from trap2.suites import get_suite
 
-    suite = get_suite(suite_name)
+    suite, bench = get_suite(suite_name), BenchConfig(suite=suite_name)
     rows = []
     for mode in MODES:
-        cfg = BenchConfig(suite=suite_name).train_config(suite, mode)
+        cfg = bench.train_config(suite, mode)
         fns = {
             "plain": make_step(mode, ObjectiveConfig(name="none"), cfg.batch_size, suite_name, train=cfg),
             "protected": make_step(mode, cfg.objective, cfg.batch_size, suite_name, train=cfg),
@@ -387,53 +387,48 @@ def recipes(suite_name: str, steps: int, rounds: int) -> list[dict[str, Any]]:
 
 
 def recipe_table(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    rows = [r for name in args.recipe_suites.split(",") for r in recipes(name, args.steps, args.rounds)]
+    body = {"steps": args.steps, "rounds": args.rounds, "rows": rows}
+    header = f"{args.threads} thread(s); median of {args.rounds} interleaved rounds of {args.steps} steps"
+    _emit("step-time-recipes", t0, body, header, args.out)
+
+
+def _emit(kind: str, t0: float, body: dict[str, Any], header: str, out: Path | None) -> None:
+    """Stamp ``body`` as a result of ``kind`` (provenance, wall time since ``t0``, this command), print
+    ``header`` and its rendered tables, and write it to ``out`` when given."""
     from trap2.eval.report import provenance, render
     from trap2.io import write_json
 
-    t0 = time.perf_counter()
-    rows = [r for name in args.recipe_suites.split(",") for r in recipes(name, args.steps, args.rounds)]
     result = {
-        **provenance("step-time-recipes", time.perf_counter() - t0),
+        **provenance(kind, time.perf_counter() - t0),
         "command": shlex.join(["python", "benchmarks/step_time.py", *sys.argv[1:]]),
-        "steps": args.steps,
-        "rounds": args.rounds,
-        "rows": rows,
+        **body,
     }
-    print(f"{args.threads} thread(s); median of {args.rounds} interleaved rounds of {args.steps} steps")
+    print(header)
     print(render(result), end="")
-    if args.out is not None:
-        write_json(args.out, result)
+    if out is not None:
+        write_json(out, result)
 
 
 def extension_table(args: argparse.Namespace) -> None:
-    from trap2.eval.report import provenance, render
-    from trap2.io import write_json
-
     t0 = time.perf_counter()
-    plain = EXTENSIONS[0][0]
-    result = {
+    body = {
         "suite": args.suite,
         "batch": BATCHES[args.suite][0],
         "steps": args.steps,
         "rounds": args.rounds,
-        "plain": plain,
+        "plain": EXTENSIONS[0][0],
         "variants": [
             {"variant": n, "objective": {"name": "trap2", **f}, "protect": p} for n, f, p in EXTENSIONS
         ],
         "modes": extensions(args.suite, args.steps, args.rounds),
     }
-    result = {
-        **provenance("step-time-extensions", time.perf_counter() - t0),
-        "command": shlex.join(["python", "benchmarks/step_time.py", *sys.argv[1:]]),
-        **result,
-    }
-    print(
-        f"{args.suite} backbone, batch {result['batch']}, {args.threads} thread(s); "
+    header = (
+        f"{args.suite} backbone, batch {body['batch']}, {args.threads} thread(s); "
         f"median of {args.rounds} interleaved rounds of {args.steps} steps"
     )
-    print(render(result), end="")
-    if args.out is not None:
-        write_json(args.out, result)
+    _emit("step-time-extensions", t0, body, header, args.out)
 
 
 if __name__ == "__main__":
