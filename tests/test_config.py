@@ -100,14 +100,20 @@ HARDENING_FIELDS = (
 
 
 def test_a_later_field_at_its_default_keeps_old_cache_keys():
-    """objective.collateral, objective.law, the hardening fields and protect_steps came after results
-    were cached: at their defaults the key is what it was without them."""
+    """objective.collateral, objective.law, objective.balance, the hardening fields and protect_steps came
+    after results were cached: at their defaults the key is what it was without them."""
     old = to_dict(TrainConfig())
     del old["objective"]["collateral"], old["objective"]["law"], old["protect_steps"]
+    del old["objective"]["balance"]
     for later in HARDENING_FIELDS:
         del old["objective"][later]
     assert config_hash(TrainConfig()) == config_hash(old)
-    for later, value in [("operators", "scale,trim"), ("lookahead_steps", 1), ("keep_min", 0.2)]:
+    for later, value in [
+        ("operators", "scale,trim"),
+        ("lookahead_steps", 1),
+        ("keep_min", 0.2),
+        ("balance", 1.0),
+    ]:
         assert config_hash(TrainConfig(objective=ObjectiveConfig(**{later: value}))) != config_hash(old)
     assert config_hash(TrainConfig(objective=ObjectiveConfig(law="log"))) != config_hash(old)
     on = TrainConfig(objective=ObjectiveConfig(collateral=2.0))
@@ -129,6 +135,7 @@ NON_DEFAULT = {
     "n_samples": 3,
     "law": "log",
     "bound": 50.0,
+    "balance": 0.5,
     "collateral": 0.3,
     "operators": "layer_scale,spectral",
     "keep_min": 0.2,

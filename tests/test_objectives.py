@@ -158,6 +158,54 @@ def test_bound_caps_the_off_nominal_term(tiny_net):
             assert off_term == pytest.approx(0.5 * math.tanh(st.off_nominal / 0.5)) and off_term < 0.5
 
 
+@pytest.mark.parametrize("rho", [1e-3, 0.02, 1e6])
+def test_balance_scales_the_trap_gradient_to_rho_times_the_nominal(tiny_net, rho):
+    """g = g_nom + min(1, ρ·‖g_nom‖/‖g_trap‖)·g_trap, g_nom and g_trap taken apart from the formula."""
+    torch.manual_seed(3)
+    scaled, w0 = _full_model(tiny_net)
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 5, (16,))
+    cfg = ObjectiveConfig(lam=0.3, balance=rho)
+    s = sample_scales(cfg, 1, torch.Generator().manual_seed(5))[0]
+    st = get_objective(cfg).backward(scaled, x, y, F.cross_entropy, torch.Generator().manual_seed(5))
+    got = {n: p.grad.clone() for n, p in tiny_net.named_parameters()}
+    params = dict(tiny_net.named_parameters())
+    at = lambda k: {n: w0[n] + k * (params[n] - w0[n]) for n in w0}  # noqa: E731
+    nominal = F.cross_entropy(functional_call(tiny_net, at(1.0), (x,)), y)
+    trap = -cfg.lam / s * F.cross_entropy(functional_call(tiny_net, at(s), (x,)), y)
+    g_nom = torch.autograd.grad(nominal, list(params.values()))
+    g_trap = torch.autograd.grad(trap, list(params.values()))
+    norm = lambda gs: math.sqrt(sum(float((g**2).sum()) for g in gs))  # noqa: E731
+    factor = min(1.0, rho * norm(g_nom) / norm(g_trap))
+    assert (factor < 1) == (rho < 1e3)  # the large ρ leaves the paper's sum, the small ones scale
+    assert st.loss == pytest.approx(float(nominal + trap), rel=1e-12)  # J's value is reported unchanged
+    for (n, _), gn, gt in zip(params.items(), g_nom, g_trap, strict=True):
+        torch.testing.assert_close(got[n], gn + factor * gt, rtol=1e-6, atol=1e-10)
+
+
+def test_balance_off_is_the_paper_step_bit_for_bit(tiny_net):
+    scaled, _ = _full_model(tiny_net)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
+    grads = []
+    for balance in (None, 1e12):
+        tiny_net.zero_grad()
+        cfg = ObjectiveConfig(lam=0.3, balance=balance)
+        get_objective(cfg).backward(scaled, x, y, F.cross_entropy, torch.Generator().manual_seed(2))
+        grads.append([p.grad.clone() for p in tiny_net.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)  # ρ huge: factor 1, the same sum
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "1"])
+def test_balance_must_be_a_positive_number(bad):
+    with pytest.raises(ConfigError, match="objective.balance"):
+        ObjectiveConfig(balance=bad)
+
+
+def test_balance_is_refused_by_the_one_pass_objective():
+    with pytest.raises(ConfigError, match="objective.balance"):
+        get_objective(ObjectiveConfig(name="trap2_split", balance=1.0))
+
+
 def _cosine_task_model():
     torch.manual_seed(4)
     backbone = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 8)).double()

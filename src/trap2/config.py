@@ -69,6 +69,13 @@ class ObjectiveConfig:
         0.0,
         hash_default=False,
     )
+    balance: float | None = help_field(
+        "ρ (trap2, trap2_distill): each step the trap terms' gradient is scaled down to at most ρ × the "
+        "nominal term's gradient norm, so the nominal term keeps its share of AdamW's step once the trap "
+        "term's gradient dwarfs it; null = the paper's plain sum",
+        None,
+        hash_default=False,
+    )
     operators: str = help_field(
         "hardening (trap2, trap2_distill): the off-nominal operators each draw picks from, comma-separated: "
         "'scale' (the paper's s·ΔW), 'layer_scale' (one s per layer / tensor), 'trim' (top-k entries), "
@@ -129,6 +136,10 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.n_samples must be an integer >= 1, got {self.n_samples!r}")
         if self.bound is not None and not (math.isfinite(self.bound) and self.bound > 0):
             raise ConfigError(f"objective.bound must be null or a finite number > 0, got {self.bound}")
+        if self.balance is not None and not (
+            isinstance(self.balance, (int, float)) and math.isfinite(self.balance) and self.balance > 0
+        ):
+            raise ConfigError(f"objective.balance must be null or a finite number > 0, got {self.balance!r}")
         _finite(self, "collateral")
         if self.collateral < 0:
             raise ConfigError(f"objective.collateral must be >= 0, got {self.collateral}")

@@ -94,6 +94,11 @@ def test_operator_draws_are_not_scales(tmp_path, digits):
         trainer.trap2_scales(0)
 
 
+def test_balance_is_refused_not_ignored(tmp_path, digits):
+    with pytest.raises(ConfigError, match="trap2_balance is implemented by the built-in loop only"):
+        Trap2Trainer(model=digits_model(digits, "lora"), args=args(tmp_path, trap2_balance=1.0))
+
+
 def test_plain_training_arguments_are_refused(tmp_path, digits):
     plain = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     with pytest.raises(ConfigError, match="Trap2TrainingArguments"):

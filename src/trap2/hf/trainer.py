@@ -194,6 +194,11 @@ class Trap2Mixin:
         # the library's scaled model: LoRA checks and scaling, or full fine-tuning's per-layer scaler
         self._trap2_scaled = ScaledModel(model, self.trap2_mode, w0)
         self.trap2_config = targs.objective_config(self.trap2_mode)
+        if self.trap2_config.balance is not None:
+            raise ConfigError(
+                "trap2_balance is implemented by the built-in loop only (trap2 train / bench): it needs the "
+                "nominal and trap gradients of the whole optimizer step apart before clipping"
+            )
         sharded = self.accelerator.distributed_type in ("FSDP", "DEEPSPEED")
         if self.trap2_config.operators != "scale" and sharded:
             raise ConfigError(

@@ -29,6 +29,10 @@ class SplitTrap2Objective:
     def __init__(self, cfg: ObjectiveConfig, off_fraction: float = OFF_FRACTION) -> None:
         if cfg.collateral:
             raise ConfigError("objective.collateral is implemented by the two-pass 'trap2' objective only")
+        if cfg.balance is not None:
+            raise ConfigError(
+                "objective.balance needs the nominal and trap gradients apart: the two-pass 'trap2' objective"
+            )
         if cfg.hardened:
             raise ConfigError(
                 "objective.operators and objective.lookahead_steps are implemented by the two-pass 'trap2' "

@@ -13,6 +13,11 @@ only makes the protected task wrong off scale; a merge of many tasks then still 
 D pushes the whole representation away from the pretrained one, which every other task's head was
 built on. D ∈ [0, 2], so it cannot run away.
 
+``balance = ρ`` (an extension, not in the paper) scales the trap terms' summed gradient down to at most
+ρ × the nominal term's gradient norm in each step (g = g_nom + min(1, ρ·‖g_nom‖/‖g_trap‖)·g_trap), so
+AdamW's per-entry scale is not the trap term's alone once its gradient dwarfs the nominal one. J's
+reported value is unchanged; ``None`` (the default) is the paper's plain sum.
+
 Hardening (extensions, not in the paper; docs/hardening.md): ``operators`` draws each off-nominal
 model from a family of operators beyond s·ΔW (per-layer scales, trims, spectral reweighting:
 ``trap2.objectives.operators``), and ``lookahead_steps`` measures each trap term after the attacker's
@@ -131,6 +136,7 @@ class Trap2Objective:
         with same_random_draws(x.device) as replay:
             nominal = self.nominal_term(model(x, 1.0), y, loss_fn)
             nominal.backward()
+            held = _hold_grads(model) if cfg.balance is not None else None
             j = float(nominal.detach())
             x, y = self.off_batch(x, y)
             if cfg.collateral:
@@ -154,6 +160,8 @@ class Trap2Objective:
                     term.backward()
                 j += float(term.detach())
                 off_values.append(float(off.detach()))
+        if held is not None:
+            balance_grads(model, held, cfg.balance)
         return StepStats(
             loss=j,
             nominal=float(nominal.detach()),
@@ -181,6 +189,42 @@ class Trap2Objective:
             lambda: self.nominal_term(model(x, 1.0), y, loss_fn),
             replay,
         )
+
+
+def _hold_grads(model: ScaledModel) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Take the nominal term's gradients out of ``.grad`` (the trap terms' then accumulate alone)."""
+    held = {}
+    for p in model.model.parameters():
+        if p.grad is not None:
+            held[p] = p.grad
+            p.grad = None
+    return held
+
+
+def grad_norm(grads: typing.Iterable[torch.Tensor]) -> torch.Tensor:
+    norms = [g.detach().float().norm() for g in grads]
+    return torch.stack(norms).norm() if norms else torch.tensor(0.0)
+
+
+def balance_factor(nominal_norm: torch.Tensor, trap_norm: torch.Tensor, rho: float) -> torch.Tensor:
+    """min(1, ρ·‖g_nominal‖ / ‖g_trap‖): the trap gradient's scale under ``balance`` (1 when it is 0)."""
+    return torch.clamp(rho * nominal_norm / trap_norm.clamp(min=torch.finfo(torch.float32).tiny), max=1.0)
+
+
+def balance_grads(model: ScaledModel, held: dict[torch.nn.Parameter, torch.Tensor], rho: float) -> None:
+    """``.grad`` = g_nominal + min(1, ρ·‖g_nominal‖/‖g_trap‖)·g_trap, with g_nominal the ``held`` gradients
+    and g_trap what the trap terms' backward left in ``.grad``."""
+    params = [p for p in model.model.parameters() if p.grad is not None or p in held]
+    trap = [p.grad for p in params if p.grad is not None]
+    factor = balance_factor(grad_norm(held.values()), grad_norm(trap), rho)
+    for p in params:
+        g = held.get(p)
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.mul_(factor.to(p.grad.device, p.grad.dtype))
+            if g is not None:
+                p.grad.add_(g)
 
 
 def _forward(model: ScaledModel, x: torch.Tensor, d: Draw) -> torch.Tensor:
