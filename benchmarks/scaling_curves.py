@@ -4,7 +4,8 @@ Run:  python benchmarks/scaling_curves.py --suite text-transformer --task hyperb
 
 Each UPDATE is a saved update (PEFT adapter folder or dense delta); acc(s) is the task's test accuracy of
 W0 + s·ΔW (``trap2.eval.evaluate.scaling_curve``). Each row also carries the update's recorded protect
-phase (agreement with the original, steps, settings) when it has one.
+phase (agreement with the original, steps, settings) when it has one. ``--splits`` adds the accuracy at
+s = 1 on the train, val and test splits (is a standalone gap under-fitting or a generalisation gap?).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ from trap2.updates import load_update  # noqa: E402
 SCALES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0)
 
 
+def train_steps(meta: dict) -> int | None:
+    """The optimizer steps the update was trained for (a protected run's ``protect_steps`` when set)."""
+    train = meta.get("train") or {}
+    protected = (meta.get("objective") or {}).get("name", "none") != "none"
+    return (train.get("protect_steps") if protected else None) or train.get("steps")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("updates", nargs="+")
@@ -35,6 +43,7 @@ def main() -> None:
     ap.add_argument("--task", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--splits", action="store_true", help="also acc at s = 1 on train, val and test")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -47,14 +56,22 @@ def main() -> None:
         update = load_update(path)
         curve = scaling_curve(backbone, task, update.dense(), list(SCALES))
         meta = update.meta
+        train = meta.get("train") or {}
         rows.append({
             "update": path,
             "objective": meta.get("objective"),
             "protect": meta.get("protect"),
-            "lr": (meta.get("train") or {}).get("lr"),
+            "lr": train.get("lr"),
+            "steps": train_steps(meta),
             "curve": [round(a, 4) for a in curve],
         })  # fmt: skip
-        print(path, " ".join(f"{s}:{100 * a:.1f}" for s, a in zip(SCALES, curve, strict=True)), flush=True)
+        if args.splits:
+            rows[-1]["splits"] = {
+                split: round(scaling_curve(backbone, task, update.dense(), [1.0], split)[0], 4)
+                for split in ("train", "val", "test")
+            }
+        print(path, " ".join(f"{s}:{100 * a:.1f}" for s, a in zip(SCALES, curve, strict=True)),
+              rows[-1].get("splits", ""), flush=True)  # fmt: skip
     write_json(args.out, {
         **provenance("scaling-curves", wall_seconds=round(time.perf_counter() - t0, 1)),
         "command": shlex.join(["python", "benchmarks/scaling_curves.py", *sys.argv[1:]]),

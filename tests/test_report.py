@@ -305,3 +305,24 @@ def test_scaling_curves_renders_one_row_per_update_with_its_protect_settings():
     rows[1]["lr"] = None  # the run's lr was the default, not recorded: '?', not a crash
     table = RENDERERS["scaling-curves"]({"kind": "scaling-curves", "scales": [0.5, 1.0], "rows": rows})
     assert table["curves"].splitlines()[3].startswith("| λ 2, lr ?, 60 steps, repair 0.5, T 4 |")
+
+
+def test_scaling_curves_splits_table_tells_underfitting_from_a_generalisation_gap():
+    from trap2.eval.report import RENDERERS
+
+    rows = [
+        {"update": "p", "objective": {"name": "none"}, "steps": 1200, "curve": [0.5, 0.61],
+         "splits": {"train": 1.0, "val": 0.612, "test": 0.61}},
+        {"update": "t", "objective": {"name": "trap2", "lam": 0.2, "bound": 3.0, "balance": None},
+         "steps": 1200, "curve": [0.1, 0.554], "splits": {"train": 1.0, "val": 0.57, "test": 0.554}},
+    ]  # fmt: skip
+    tables = RENDERERS["scaling-curves"]({"kind": "scaling-curves", "scales": [0.5, 1.0], "rows": rows})
+    assert tables["curves"].splitlines()[3] == "| trap2, λ 0.2, τ 3 | – | 10.0 | 55.4 |"
+    lines = tables["splits"].splitlines()
+    assert lines[0] == "| objective | steps | train | val | test |"
+    assert lines[2] == "| plain | 1200 | 100.0 | 61.2 | 61.0 |"
+    assert lines[3] == "| trap2, λ 0.2, τ 3 | 1200 | 100.0 | 57.0 | 55.4 |"
+    del rows[0]["splits"], rows[1]["splits"]  # without --splits: no such table
+    assert "splits" not in RENDERERS["scaling-curves"](
+        {"kind": "scaling-curves", "scales": [0.5, 1.0], "rows": rows}
+    )

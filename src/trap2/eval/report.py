@@ -576,13 +576,37 @@ def scaling_curves_tables(result: Mapping[str, Any]) -> Tables:
     for r in result["rows"]:
         prot = r.get("protect") or {}
         obj = r.get("objective") or {}
-        setting = "original" if not prot else (
+        plain = obj.get("name", "none") == "none"
+        setting = ("original" if plain else _objective_label(obj)) if not prot else (
             f"λ {g(obj.get('lam'))}, lr {g(r.get('lr'))}, {prot.get('steps', '?')} steps, "
             f"repair {g(prot.get('repair', 0))}, T {g(prot.get('temperature', 1))}"
         )  # fmt: skip
         agree = prot.get("agreement_test")
         rows.append([setting, "–" if agree is None else pct(agree), *(pct(a) for a in r["curve"])])
-    return {"curves": _table(["update", "agreement", *(f"s={s:g}" for s in scales)], rows)}
+    tables = {"curves": _table(["update", "agreement", *(f"s={s:g}" for s in scales)], rows)}
+    with_splits = [r for r in result["rows"] if r.get("splits")]
+    if with_splits:
+        tables["splits"] = _table(
+            ["objective", "steps", "train", "val", "test"],
+            [
+                [_objective_label(r.get("objective") or {}), str(r.get("steps", "?")),
+                 *(pct(r["splits"][k]) for k in ("train", "val", "test"))]
+                for r in with_splits
+            ],
+        )  # fmt: skip
+    return tables
+
+
+def _objective_label(obj: Mapping[str, Any]) -> str:
+    """'plain', or the objective with the knobs set off their defaults that the probes vary."""
+    name = obj.get("name", "none")
+    if name == "none":
+        return "plain"
+    parts = [f"{name}, λ {obj.get('lam'):g}"]
+    for key, label in (("bound", "τ"), ("balance", "ρ")):
+        if obj.get(key) is not None:
+            parts.append(f"{label} {obj[key]:g}")
+    return ", ".join(parts)
 
 
 @renderer("demo-time")
