@@ -315,6 +315,8 @@ def test_scaling_curves_splits_table_tells_underfitting_from_a_generalisation_ga
          "splits": {"train": 1.0, "val": 0.612, "test": 0.61}},
         {"update": "t", "objective": {"name": "trap2", "lam": 0.2, "bound": 3.0, "balance": None},
          "steps": 1200, "curve": [0.1, 0.554], "splits": {"train": 1.0, "val": 0.57, "test": 0.554}},
+        {"update": "d", "objective": {"name": "trap2", "lam": 0.2, "delta": 0.2},
+         "steps": 1200, "curve": [0.1, 0.589], "splits": {"train": 0.917, "val": 0.562, "test": 0.589}},
     ]  # fmt: skip
     tables = RENDERERS["scaling-curves"]({"kind": "scaling-curves", "scales": [0.5, 1.0], "rows": rows})
     assert tables["curves"].splitlines()[3] == "| trap2, λ 0.2, τ 3 | – | 10.0 | 55.4 |"
@@ -322,7 +324,9 @@ def test_scaling_curves_splits_table_tells_underfitting_from_a_generalisation_ga
     assert lines[0] == "| objective | steps | train | val | test |"
     assert lines[2] == "| plain | 1200 | 100.0 | 61.2 | 61.0 |"
     assert lines[3] == "| trap2, λ 0.2, τ 3 | 1200 | 100.0 | 57.0 | 55.4 |"
-    del rows[0]["splits"], rows[1]["splits"]  # without --splits: no such table
+    assert lines[4] == "| trap2, λ 0.2, δ 0.2 | 1200 | 91.7 | 56.2 | 58.9 |"  # δ named off its default
+    for r in rows:  # without --splits: no such table
+        del r["splits"]
     assert "splits" not in RENDERERS["scaling-curves"](
         {"kind": "scaling-curves", "scales": [0.5, 1.0], "rows": rows}
     )

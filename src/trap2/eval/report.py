@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from trap2.config import ObjectiveConfig
 from trap2.errors import ConfigError, DataError
 from trap2.io import atomic_path, write_json, write_text
 
@@ -597,12 +598,17 @@ def scaling_curves_tables(result: Mapping[str, Any]) -> Tables:
     return tables
 
 
+DEFAULT_DELTA = ObjectiveConfig().delta
+
+
 def _objective_label(obj: Mapping[str, Any]) -> str:
     """'plain', or the objective with the knobs set off their defaults that the probes vary."""
     name = obj.get("name", "none")
     if name == "none":
         return "plain"
     parts = [f"{name}, λ {obj.get('lam'):g}"]
+    if obj.get("delta", DEFAULT_DELTA) != DEFAULT_DELTA:
+        parts.append(f"δ {obj['delta']:g}")
     for key, label in (("bound", "τ"), ("balance", "ρ")):
         if obj.get(key) is not None:
             parts.append(f"{label} {obj[key]:g}")
