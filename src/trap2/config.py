@@ -137,7 +137,10 @@ class ObjectiveConfig:
         if self.bound is not None and not (math.isfinite(self.bound) and self.bound > 0):
             raise ConfigError(f"objective.bound must be null or a finite number > 0, got {self.bound}")
         if self.balance is not None and not (
-            isinstance(self.balance, (int, float)) and math.isfinite(self.balance) and self.balance > 0
+            isinstance(self.balance, (int, float))
+            and not isinstance(self.balance, bool)
+            and math.isfinite(self.balance)
+            and self.balance > 0
         ):
             raise ConfigError(f"objective.balance must be null or a finite number > 0, got {self.balance!r}")
         _finite(self, "collateral")

@@ -251,4 +251,8 @@ class FlattenObjective(Trap2Objective):
             raise ConfigError(
                 "objective.lookahead_steps is a Trap² knob (it anticipates an attacker like flatten)"
             )
+        if cfg.balance is not None:
+            raise ConfigError(
+                "objective.balance is a Trap² knob (it keeps the trap from dwarfing the nominal)"
+            )
         super().__init__(cfg)
