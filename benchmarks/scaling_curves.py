@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from trap2.config import TrainConfig, from_dict  # noqa: E402
 from trap2.eval.evaluate import scaling_curve  # noqa: E402
 from trap2.eval.report import provenance  # noqa: E402
 from trap2.io import write_json  # noqa: E402
@@ -30,10 +31,11 @@ SCALES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0)
 
 
 def train_steps(meta: dict) -> int | None:
-    """The optimizer steps the update was trained for (a protected run's ``protect_steps`` when set)."""
-    train = meta.get("train") or {}
-    protected = (meta.get("objective") or {}).get("name", "none") != "none"
-    return (train.get("protect_steps") if protected else None) or train.get("steps")
+    """The optimizer steps the update was trained for (``TrainConfig.run_steps``), if it records them."""
+    if not meta.get("train"):
+        return None
+    train = {**meta["train"], "objective": meta.get("objective") or {}}
+    return from_dict(TrainConfig, train, "the update's train settings").run_steps
 
 
 def main() -> None:
@@ -54,7 +56,8 @@ def main() -> None:
     rows = []
     for path in args.updates:
         update = load_update(path)
-        curve = scaling_curve(backbone, task, update.dense(), list(SCALES))
+        delta = update.dense()
+        curve = scaling_curve(backbone, task, delta, list(SCALES))
         meta = update.meta
         train = meta.get("train") or {}
         rows.append({
@@ -66,10 +69,11 @@ def main() -> None:
             "curve": [round(a, 4) for a in curve],
         })  # fmt: skip
         if args.splits:
-            rows[-1]["splits"] = {
-                split: round(scaling_curve(backbone, task, update.dense(), [1.0], split)[0], 4)
-                for split in ("train", "val", "test")
+            at_one = {"test": curve[SCALES.index(1.0)]}  # the curve has it already
+            at_one |= {
+                split: scaling_curve(backbone, task, delta, [1.0], split)[0] for split in ("train", "val")
             }
+            rows[-1]["splits"] = {split: round(at_one[split], 4) for split in ("train", "val", "test")}
         print(path, " ".join(f"{s}:{100 * a:.1f}" for s, a in zip(SCALES, curve, strict=True)),
               rows[-1].get("splits", ""), flush=True)  # fmt: skip
     write_json(args.out, {

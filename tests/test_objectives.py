@@ -63,12 +63,17 @@ def _full_model(tiny_net):
     return ScaledModel(tiny_net, "full", w0), w0
 
 
-def _reference_j(model, w0, x, y, s, cfg):
-    """J written out directly, in one graph, from the formula."""
+def _reference_terms(model, w0, x, y, s, cfg):
+    """J's nominal and trap terms written out directly, in one graph, from the formula."""
     params = dict(model.named_parameters())
     at = lambda k: {n: w0[n] + k * (params[n] - w0[n]) for n in w0}  # noqa: E731
     loss = lambda k: F.cross_entropy(functional_call(model, at(k), (x,)), y)  # noqa: E731
-    return loss(1.0) - cfg.lam * scale_weight(cfg.weight, s) * loss(s)
+    return loss(1.0), -cfg.lam * scale_weight(cfg.weight, s) * loss(s)
+
+
+def _reference_j(model, w0, x, y, s, cfg):
+    nominal, trap = _reference_terms(model, w0, x, y, s, cfg)
+    return nominal + trap
 
 
 @pytest.mark.parametrize("weight", ["inv", "inv_sqrt", "none"])
@@ -169,9 +174,7 @@ def test_balance_scales_the_trap_gradient_to_rho_times_the_nominal(tiny_net, rho
     st = get_objective(cfg).backward(scaled, x, y, F.cross_entropy, torch.Generator().manual_seed(5))
     got = {n: p.grad.clone() for n, p in tiny_net.named_parameters()}
     params = dict(tiny_net.named_parameters())
-    at = lambda k: {n: w0[n] + k * (params[n] - w0[n]) for n in w0}  # noqa: E731
-    nominal = F.cross_entropy(functional_call(tiny_net, at(1.0), (x,)), y)
-    trap = -cfg.lam / s * F.cross_entropy(functional_call(tiny_net, at(s), (x,)), y)
+    nominal, trap = _reference_terms(tiny_net, w0, x, y, s, cfg)
     g_nom = torch.autograd.grad(nominal, list(params.values()))
     g_trap = torch.autograd.grad(trap, list(params.values()))
     norm = lambda gs: math.sqrt(sum(float((g**2).sum()) for g in gs))  # noqa: E731

@@ -201,11 +201,6 @@ def _hold_grads(model: ScaledModel) -> dict[torch.nn.Parameter, torch.Tensor]:
     return held
 
 
-def grad_norm(grads: typing.Iterable[torch.Tensor]) -> torch.Tensor:
-    norms = [g.detach().float().norm() for g in grads]
-    return torch.stack(norms).norm() if norms else torch.tensor(0.0)
-
-
 def balance_factor(nominal_norm: torch.Tensor, trap_norm: torch.Tensor, rho: float) -> torch.Tensor:
     """min(1, ρ·‖g_nominal‖ / ‖g_trap‖): the trap gradient's scale under ``balance`` (1 when it is 0)."""
     return torch.clamp(rho * nominal_norm / trap_norm.clamp(min=torch.finfo(torch.float32).tiny), max=1.0)
@@ -216,7 +211,8 @@ def balance_grads(model: ScaledModel, held: dict[torch.nn.Parameter, torch.Tenso
     and g_trap what the trap terms' backward left in ``.grad``."""
     params = [p for p in model.model.parameters() if p.grad is not None or p in held]
     trap = [p.grad for p in params if p.grad is not None]
-    factor = balance_factor(grad_norm(held.values()), grad_norm(trap), rho)
+    total_norm = torch.nn.utils.get_total_norm
+    factor = balance_factor(total_norm(list(held.values())), total_norm(trap), rho)
     for p in params:
         g = held.get(p)
         if p.grad is None:
