@@ -330,3 +330,30 @@ def test_scaling_curves_splits_table_tells_underfitting_from_a_generalisation_ga
     assert "splits" not in RENDERERS["scaling-curves"](
         {"kind": "scaling-curves", "scales": [0.5, 1.0], "rows": rows}
     )
+
+
+def test_objective_label_names_every_field_off_its_default():
+    """Two objectives that differ in any ObjectiveConfig field never share a label: each field off its
+    default is named (by its symbol where it has one); fields at their default or not recorded are not."""
+    import dataclasses
+
+    from trap2.config import ObjectiveConfig
+    from trap2.eval.report import _objective_label
+
+    full = dataclasses.asdict(ObjectiveConfig(name="trap2", lam=0.2))  # a result records every field
+    assert _objective_label(full) == "trap2, λ 0.2"
+    assert _objective_label({"name": "trap2", "lam": 0.2}) == "trap2, λ 0.2"  # an older, shorter record
+    off = dict(
+        full, law="log", collateral=0.3, operators="scale,spectral", lookahead_steps=2, weight="inv_sqrt"
+    )
+    assert _objective_label(off) == (
+        "trap2, λ 0.2, w inv_sqrt, law log, μ 0.3, operators scale,spectral, lookahead_steps 2"
+    )
+    labels = set()
+    for f in dataclasses.fields(ObjectiveConfig):  # each field changed alone gives a label of its own
+        if f.name in ("name", "lam"):
+            continue
+        value = {"float": 0.37, "int": 3, "str": "x"}.get(type(full[f.name]).__name__, 0.37)
+        labels.add(_objective_label(dict(full, **{f.name: value})))
+    assert len(labels) == len(dataclasses.fields(ObjectiveConfig)) - 2
+    assert _objective_label({"name": "none", "lam": 0.2}) == "plain"

@@ -16,6 +16,7 @@ fails when a marked table differs from its JSON).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -598,20 +599,24 @@ def scaling_curves_tables(result: Mapping[str, Any]) -> Tables:
     return tables
 
 
-DEFAULT_DELTA = ObjectiveConfig().delta
+_OBJECTIVE_DEFAULTS = dataclasses.asdict(ObjectiveConfig())
+_OBJECTIVE_SYMBOLS = {"lam": "λ", "delta": "δ", "bound": "τ", "balance": "ρ", "collateral": "μ", "weight": "w"}  # fmt: skip
 
 
 def _objective_label(obj: Mapping[str, Any]) -> str:
-    """'plain', or the objective with the knobs set off their defaults that the probes vary."""
+    """'plain', or the objective's name and λ with every other ObjectiveConfig field the JSON sets off its
+    default (δ, τ, ρ, μ, w by their symbols, the rest by name), so two different objectives never share a
+    label. A field the JSON does not record reads as its default (older results recorded fewer fields)."""
     name = obj.get("name", "none")
     if name == "none":
         return "plain"
     parts = [f"{name}, λ {obj.get('lam'):g}"]
-    if obj.get("delta", DEFAULT_DELTA) != DEFAULT_DELTA:
-        parts.append(f"δ {obj['delta']:g}")
-    for key, label in (("bound", "τ"), ("balance", "ρ")):
-        if obj.get(key) is not None:
-            parts.append(f"{label} {obj[key]:g}")
+    for key, default in _OBJECTIVE_DEFAULTS.items():
+        if key in ("name", "lam") or obj.get(key, default) == default:
+            continue
+        value = obj[key]
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        parts.append(f"{_OBJECTIVE_SYMBOLS.get(key, key)} {text}")
     return ", ".join(parts)
 
 
