@@ -88,6 +88,18 @@ def test_objective_gradient_matches_the_hand_written_J(tiny_net):
             assert torch.allclose(got[n], p.grad, atol=1e-6), n
 
 
+@pytest.mark.parametrize("balance", [None, 0.5])
+def test_sparser_trap_steps_scale_lambda_and_the_balance_cap_alike(balance):
+    """off_every = 3: a trap step carries λ·3 and, under balance, the cap ρ·3 (a cap left at ρ would clip
+    the tripled trap gradient back and undo the λ scaling); off_every = 1 changes nothing."""
+    cfg = ObjectiveConfig(name="trap2_distill", lam=0.4, balance=balance)
+    assert SelfDistillObjective(cfg).trap_config(cfg) is cfg
+    got = SelfDistillObjective(cfg, off_every=3).trap_config(cfg)
+    assert got.lam == pytest.approx(1.2)
+    assert got.balance == (None if balance is None else pytest.approx(1.5))
+    assert dataclasses.replace(got, lam=cfg.lam, balance=cfg.balance) == cfg  # nothing else changes
+
+
 def test_cheaper_trap_steps_match_the_hand_written_J(tiny_net):
     """off_fraction: the off-nominal term on the batch's first inputs only; off_every = 2: odd steps are the
     teacher match alone, even steps carry the off-nominal term with λ·2."""

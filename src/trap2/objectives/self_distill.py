@@ -140,8 +140,12 @@ class SelfDistillObjective(Trap2Objective):
 
     def trap_config(self, cfg: ObjectiveConfig) -> ObjectiveConfig:
         """``cfg`` for a trap step: λ·off_every, so the trap weight per input seen is the same as with the
-        off-nominal passes on every step (``cfg`` itself when off_every = 1)."""
-        return cfg if self.off_every == 1 else dataclasses.replace(cfg, lam=cfg.lam * self.off_every)
+        off-nominal passes on every step (``cfg`` itself when off_every = 1); a ``balance`` cap ρ becomes
+        ρ·off_every too, or it would cap the larger trap step back to ρ and undo the λ scaling."""
+        if self.off_every == 1:
+            return cfg
+        balance = None if cfg.balance is None else cfg.balance * self.off_every
+        return dataclasses.replace(cfg, lam=cfg.lam * self.off_every, balance=balance)
 
     def off_size(self, n: int) -> int:
         """How many of a batch's ``n`` inputs the off-nominal passes see: the first ``off_fraction``, at
